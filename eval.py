@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -60,7 +62,8 @@ def evaluate_heads(args, cfg: dict, model_dir: Path) -> dict:
     model.eval()
     split = args.split or ("test" if cfg["split"] == "paper" else "validation")
     encoder = Encoder(tok, family(backbone), cfg["max_length"])
-    results = make_evaluator(model, encoder, specs, splits, split, args.batch_size, args.device)()
+    results = make_evaluator(model, encoder, specs, splits, split, args.batch_size, args.device,
+                             args.precision)()
     print_table(results, f"{cfg['method']} — {split} split, reloaded from {args.checkpoint}")
     return results
 

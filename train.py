@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--single-task", action="store_true", help="LoRA-ST: one independent LoRA per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 turns autocast off on CUDA")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--length-pool", type=int, default=8,
                    help="sort each pool of N sampled batches by length before batching (1: off)")
@@ -139,7 +141,7 @@ def load_data(args) -> tuple[list, dict]:
     return specs, splits
 
 
-def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, device):
+def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, device, precision: str = "auto"):
     """-> evaluate(): metrics of every `split` set. Each rank predicts its shard of a set and the
     predictions are gathered, so every rank computes the same metrics."""
     ids = {s.name: i for i, s in enumerate(specs)}
@@ -153,7 +155,7 @@ def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, d
             tid = ids[spec[task].parent]
             mine = distributed.shard_indices(len(examples))
             idx, preds = predict(model, eval_batches(encoder, tid, split, [examples[i] for i in mine], batch_size),
-                                 device)
+                                 device, precision)
             merged = {}
             for part in distributed.gather([(mine[i], p) for i, p in zip(idx, preds)]):
                 merged.update(part)
@@ -241,6 +243,7 @@ def train(args) -> dict:
     cfg = LoopConfig(max_steps=steps, lr=s["lr"], head_lr=s.get("head_lr"), weight_decay=s.get("weight_decay", 0.0),
                      betas=tuple(s.get("betas", (0.9, 0.999))), warmup_steps=warmup,
                      grad_accum=s.get("grad_accum", 1), eval_every=s.get("eval_every") or 0, device=device,
+                     precision=args.precision,
                      fsdp=args.fsdp, save_every=args.save_every, checkpoint_dir=str(out / "checkpoint"),
                      resume=args.resume, extra=run)
     if generative:                                   # generation on the first --eval-limit test questions
@@ -250,8 +253,9 @@ def train(args) -> dict:
             return {"tasks": res, "average": float(np.mean([r["accuracy"] for r in res.values()]))}
         test_eval = evaluate
     else:
-        evaluate = make_evaluator(model, encoder, specs, splits, "validation", args.eval_batch_size, device)
-        test_eval = make_evaluator(model, encoder, specs, splits, "test", args.eval_batch_size, device)
+        evaluate = make_evaluator(model, encoder, specs, splits, "validation", args.eval_batch_size, device,
+                                  args.precision)
+        test_eval = make_evaluator(model, encoder, specs, splits, "test", args.eval_batch_size, device, args.precision)
     reported = {}
 
     def on_best(step, val):

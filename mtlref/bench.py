@@ -50,6 +50,7 @@ from mtlref.heads import family
 from mtlref.layers import ForwardContext
 from mtlref.losses import total_loss
 from mtlref.presets import resolve_targets
+from mtlref.train import autocast
 
 
 @dataclass
@@ -191,10 +192,6 @@ def task_loss(out: torch.Tensor, batch: dict, fam: str, head: torch.Tensor) -> t
     if fam == "t5":
         return F.cross_entropy(out.flatten(0, 1), batch["decoder_input_ids"].flatten())
     return F.cross_entropy(out.mean(1) @ head, batch["labels"])
-
-
-def autocast(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
 # ----------------------------------------------------------------------------- models

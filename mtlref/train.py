@@ -46,6 +46,7 @@ class LoopConfig:
     eval_every: int = 0                   # 0: evaluate once, at the end
     log_every: int = 25
     device: str = "cpu"
+    precision: str = "auto"               # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32"; "bf16"
     aux_weights: dict[str, float] | None = None
     fsdp: bool = False                    # the model was sharded by distributed.shard_frozen_base
     save_every: int = 0                   # write a checkpoint every N steps to checkpoint_dir; 0 = never
@@ -73,6 +74,16 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def autocast(device, precision: str = "auto"):
+    """bf16 autocast on CUDA unless precision is "fp32" (the weights stay fp32 either way)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    cuda = str(device).startswith("cuda")
+    if precision == "bf16" and not cuda:
+        raise ValueError("precision bf16 is for CUDA devices; on CPU training runs in fp32")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and precision != "fp32")
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -91,8 +102,7 @@ def train_step(model, batch: dict, cfg: LoopConfig) -> tuple[torch.Tensor, dict]
     """Forward + loss for one micro-batch; returns the (unscaled) total loss and its parts."""
     check_task_ids(model, batch)
     ctx = ForwardContext(task_ids=batch["task_ids"], mask=batch["attention_mask"], aux_losses={})
-    use_bf16 = str(cfg.device).startswith("cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast(cfg.device, cfg.precision):
         out = model(batch, ctx)
     task = model.loss(out.float(), batch)
     return total_loss(task, ctx.aux_losses, cfg.aux_weights)
@@ -115,7 +125,7 @@ class DivergenceError(FloatingPointError):
 
 
 # Settings that change the arithmetic of a run: a checkpoint resumes only a run with the same ones.
-RESUME_KEYS = ("max_steps", "lr", "head_lr", "weight_decay", "betas", "warmup_steps", "grad_accum", "clip",
+RESUME_KEYS = ("max_steps", "lr", "head_lr", "weight_decay", "betas", "warmup_steps", "grad_accum", "clip", "precision",
                "aux_weights", "fsdp", "extra")
 
 
@@ -234,14 +244,13 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
 
 
 @torch.no_grad()
-def predict(model, batches, device) -> tuple[list[int], list[float]]:
+def predict(model, batches, device, precision: str = "auto") -> tuple[list[int], list[float]]:
     """Run single-task evaluation batches; returns (indices, predictions) in batch order."""
     idx_all, preds_all = [], []
-    use_bf16 = str(device).startswith("cuda")
     for idx, batch in batches:
         batch = to_device(batch, device)
         check_task_ids(model, batch)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(device, precision):
             out = model(batch)
         idx_all.extend(idx)
         preds_all.extend(model.predict(out.float(), batch).tolist())

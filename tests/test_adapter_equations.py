@@ -250,6 +250,21 @@ def test_more_contrastive_loss_eq8():
     assert aux == {}                                                  # only while training
 
 
+
+@pytest.mark.parametrize("detach_h", [False, True])
+def test_more_contrastive_gradient_reaches_the_input_unless_detached(detach_h):
+    """detach_h=True: Eq. 8 trains e_t only (and so the gate's input), not what produced x."""
+    slot = attach("more", make_slot(), tau=0.05, detach_h=detach_h).train()
+    a = slot.adapter
+    x = inputs()[0].clone().requires_grad_(True)
+    aux = {}
+    slot(x, ForwardContext(task_ids=TASKS, aux_losses=aux))
+    (loss,) = aux["more_contrastive"]
+    loss.backward()
+    assert a.task_embedding.grad.abs().sum() > 0
+    assert (x.grad is None) == detach_h
+
+
 # ----------------------------------------------------------------------------- MixLoRA
 class TinyFFN(FeedForward):
     def __init__(self, d=8, f=12, gated=True):

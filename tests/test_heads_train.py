@@ -129,3 +129,15 @@ def test_the_loop_collects_auxiliary_losses_through_the_context():
     ctx = ForwardContext(task_ids=batch["task_ids"], mask=batch["attention_mask"], aux_losses={})
     mt(batch, ctx)
     assert ctx.aux_losses == {}, "Eq. 8 is a training loss: no contrastive term in eval mode"
+
+
+def test_precision_picks_autocast_only_where_it_is_asked_for():
+    from mtlref.train import autocast
+    with autocast("cpu", "auto"):
+        assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+    with autocast("cuda", "fp32"):                                     # off on CUDA when fp32 is asked for
+        assert not torch.is_autocast_enabled("cuda")
+    with pytest.raises(ValueError, match="bf16 is for CUDA"):
+        autocast("cpu", "bf16")
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        autocast("cpu", "fp16")

@@ -16,8 +16,13 @@ here p_t is recomputed every forward and `rank_map()` reads the current gate.
 Eq. 8 (contrastive, on while training when ctx collects aux losses): h_i = ctx.pooled(x),
 the mean of this module's input over the sample's real tokens. It is the representation of
 x_i that this module sees, and it lives in the space of e_t when task_dim = in_features, so
-sim = cos(h_i, e_k) is defined (h_i is not detached: the loss also reaches the adapters below). The printed Eq. 8 is a mean log-likelihood; we minimise its
+sim = cos(h_i, e_k) is defined. The printed Eq. 8 is a mean log-likelihood; we minimise its
 negative, L_con = -(1/N) Σ_i log softmax_k(sim(h_i, e_k)/τ)[t_i], as "more_contrastive".
+h_i is detached by default (detach_h=True): §4.3 brings in L_con because "there is no
+supervised signal for task embedding learning", so it trains e_t (and through e_t the gate),
+not the layers that produced x. With detach_h=False the loss also pulls every adapted
+module's input towards its task's cluster; on the default GLUE job that reading scored
+0.629 vs 0.660 and collapsed at α = 64 (docs/RESULTS.md).
 A module holds r(in+out) + h(r+T) + r parameters: Table 6's 6Lr(m+d) + 6Lh(r+T) plus b_g.
 """
 from __future__ import annotations
@@ -34,13 +39,13 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 
 class MoRE(Adapter):
     method = "more"
-    options = ("task_dim", "contrastive", "tau", "linear_scaling")
+    options = ("task_dim", "contrastive", "tau", "linear_scaling", "detach_h")
     zero_init = ("lora_B",)
     task_specific = True
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
                  task_dim: int | None = None, contrastive: bool = True, tau: float = 0.05,
-                 linear_scaling: bool = True):
+                 linear_scaling: bool = True, detach_h: bool = True):
         super().__init__(base, num_tasks, rank, alpha, dropout)
         self.task_dim = self.in_features if task_dim is None else int(task_dim)
         if contrastive and self.task_dim != self.in_features:
@@ -48,6 +53,7 @@ class MoRE(Adapter):
                              f"task_dim ({self.task_dim}) must equal in_features ({self.in_features}); "
                              "leave task_dim unset or pass contrastive=False")
         self.contrastive, self.tau, self.linear_scaling = bool(contrastive), float(tau), bool(linear_scaling)
+        self.detach_h = bool(detach_h)
         dev = self.device_of(base)
         self.lora_A = nn.Parameter(lora_a_init(rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
@@ -82,7 +88,8 @@ class MoRE(Adapter):
         z = F.linear(self.dropout(xf), self.lora_A)                          # A x  (..., r)
         z = z * per_sample(self.rank_columns()[t], z)                        # keep the first r_t columns
         if self.contrastive and self.training and ctx.aux_losses is not None:
-            ctx.add_loss("more_contrastive", self.contrastive_loss(ctx.pooled(xf), t))
+            h = ctx.pooled(xf)
+            ctx.add_loss("more_contrastive", self.contrastive_loss(h.detach() if self.detach_h else h, t))
         return F.linear(z, self.lora_B).to(y.dtype)                          # (..., out)
 
     def contrastive_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -97,4 +104,5 @@ class MoRE(Adapter):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", task_dim={self.task_dim}, tau={self.tau:g}, "
-                                       f"contrastive={self.contrastive}, linear_scaling={self.linear_scaling}")
+                                       f"contrastive={self.contrastive}, detach_h={self.detach_h}, "
+                                       f"linear_scaling={self.linear_scaling}")
