@@ -250,7 +250,6 @@ def test_more_contrastive_loss_eq8():
     assert aux == {}                                                  # only while training
 
 
-
 @pytest.mark.parametrize("detach_h", [False, True])
 def test_more_contrastive_gradient_reaches_the_input_unless_detached(detach_h):
     """detach_h=True: Eq. 8 trains e_t only (and so the gate's input), not what produced x."""

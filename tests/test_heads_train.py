@@ -16,7 +16,7 @@ from mtlref.heads import MultiTaskModel, label_word_ids, output_embedding
 from mtlref.layers import ForwardContext
 from mtlref.losses import AUX_WEIGHTS, total_loss
 from mtlref.presets import resolve_targets
-from mtlref.train import LoopConfig, fit
+from mtlref.train import LoopConfig, autocast, fit
 
 
 
@@ -132,7 +132,6 @@ def test_the_loop_collects_auxiliary_losses_through_the_context():
 
 
 def test_precision_picks_autocast_only_where_it_is_asked_for():
-    from mtlref.train import autocast
     with autocast("cpu", "auto"):
         assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
     with autocast("cuda", "fp32"):                                     # off on CUDA when fp32 is asked for
