@@ -22,7 +22,7 @@ from mtlref.data.collate import Encoder
 from mtlref.data.tasks import load_task
 from mtlref.evaluate import generation_accuracy
 from mtlref.heads import MultiTaskModel, family
-from train import INPUT_ERRORS, load_data, make_evaluator, print_table
+from train import INPUT_ERRORS, PRECISIONS, load_data, make_evaluator, print_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)

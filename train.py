@@ -37,7 +37,7 @@ from mtlref.evaluate import generation_accuracy
 from mtlref.metrics import COMMONSENSE_TASKS, GLUE_TASKS, task_metrics
 from mtlref.presets import PRESETS, resolve_targets
 from mtlref.tokenizer import TokenizerError
-from mtlref.train import DivergenceError, LoopConfig, fit, predict, seed_everything
+from mtlref.train import PRECISIONS, DivergenceError, LoopConfig, fit, predict, seed_everything
 
 BENCHES = {"glue": list(GLUE_TASKS), "superglue": list(SUPERGLUE_TASKS),
            "commonsense": [n for n in COMMONSENSE_TASKS if "train" in get_spec(n).files]}
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--single-task", action="store_true", help="LoRA-ST: one independent LoRA per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 turns autocast off on CUDA")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--length-pool", type=int, default=8,

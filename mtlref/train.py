@@ -74,9 +74,12 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def autocast(device, precision: str = "auto"):
     """bf16 autocast on CUDA unless precision is "fp32" (the weights stay fp32 either way)."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     cuda = str(device).startswith("cuda")
     if precision == "bf16" and not cuda:
