@@ -6,13 +6,19 @@
 - Encoders (BERT, T5's encoder): a linear on the pooled output (mean over real tokens by
   default, as all-MiniLM-L6-v2 was trained; `cls` and BERT's `pooler` are options).
 - Regression (STS-B): one output, trained with mean squared error on the 0-5 score.
+Seq2SeqLM is T5's own protocol instead of heads (MoRE Eq. 9): the decoder is trained with
+cross-entropy on the label's target text and evaluation generates the answer and parses it.
+Every model here answers `predict_batch(batch)` with one float prediction per sample.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtlref.data.templates import t5_label, t5_target
+from mtlref.generate import generate
 from mtlref.layers import ForwardContext
 
 DECODERS = ("llama", "mpt")
@@ -123,6 +129,56 @@ class MultiTaskModel(nn.Module):
         """Class index, or the regression score, per sample (float)."""
         is_reg = torch.tensor(self.regression, device=out.device)[batch["task_ids"]]
         return torch.where(is_reg, out[:, 0], out.argmax(-1).float())
+
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        return self.predict(self(batch).float(), batch)
+
+
+UNPARSED = -1.0     # what a text-to-text answer that is no label becomes (templates.t5_label)
+
+
+class Seq2SeqLM(nn.Module):
+    """T5 text-to-text over several tasks (MoRE Eq. 9, L_gen = -Σ_t y_t log ŷ_t): the encoder reads
+    the task-prefixed input, the decoder is trained with cross-entropy on the label's target text
+    + EOS (mean over the target tokens of the batch, as T5ForConditionalGeneration's loss), and
+    predict_batch generates greedily and parses the text back to a label id or a score;
+    an answer that is no label gives UNPARSED (-1), which is never a gold label."""
+
+    def __init__(self, backbone: nn.Module, tasks: list, tok):
+        super().__init__()
+        self.backbone, self.tok, self.tasks = backbone, tok, list(tasks)
+        self.task_names = [t.name for t in tasks]
+        self.family = family(backbone)
+        # the longest target of each task, in tokens with EOS: how far generation has to go
+        self.max_new_tokens = [max(len(tok.encode(t5_target(t.name, y, t))) for y in self._targets(t)) for t in tasks]
+
+    @staticmethod
+    def _targets(spec) -> list:
+        if spec.kind == "regression":                  # T5's STS-B targets: 0.0, 0.2, ..., 5.0
+            return [float(v) for v in np.round(np.arange(0, 26) * 0.2, 1)]
+        return list(range(len(spec.labels)))
+
+    def forward(self, batch: dict, ctx: ForwardContext | None = None) -> torch.Tensor:
+        ctx = ctx if ctx is not None else ForwardContext(task_ids=batch["task_ids"])
+        return self.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             decoder_input_ids=batch["decoder_input_ids"],
+                             decoder_attention_mask=batch["decoder_attention_mask"], ctx=ctx)   # (B, D, V)
+
+    def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(out.flatten(0, 1), batch["target_ids"].flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        """Greedy answers of one single-task batch, parsed: label id, score, or UNPARSED."""
+        t = int(batch["task_ids"][0])
+        if not bool((batch["task_ids"] == t).all()):
+            raise ValueError("Seq2SeqLM.predict_batch takes single-task batches (data.collate.eval_batches)")
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        outs = generate(self.backbone, self.tok, prompts, max_new_tokens=self.max_new_tokens[t],
+                        task_ids=batch["task_ids"])
+        spec = self.tasks[t]
+        preds = [t5_label(spec.name, self.tok.decode(o, skip_special_tokens=True), spec) for o in outs]
+        return torch.tensor([float(p) for p in preds], device=batch["input_ids"].device)
 
 
 class CausalLM(nn.Module):

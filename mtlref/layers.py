@@ -1,6 +1,7 @@
-"""Building blocks shared by every backbone: the adapter slot, the forward context,
-the block runner (gradient checkpointing), the feed-forward slot, norms, rotary embeddings
-(RoPE), ALiBi, T5 relative buckets and a growing key/value cache.
+"""Building blocks shared by every backbone: the adapter slot (and the fused slot whose row
+blocks are slots too), the forward context, the block runner (gradient checkpointing), the
+feed-forward slot, norms, rotary embeddings (RoPE), ALiBi, T5 relative buckets and a growing
+key/value cache.
 
 Shapes: B batch, T query length, S key length, H heads, D head dim, C channels.
 """
@@ -133,6 +134,91 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class RowBlock(nn.Module):
+    """Rows start:stop of a FusedLinear, a slot of its own: it may carry an adapter, which sees
+    it as its base (in_features, out_features, weight [out, in], bias [out] or None).
+
+    It has no parameters: `weight` and `bias` are views of the parent's rows, taken on every
+    access (so they follow the parent through .to(), load_state_dict(assign=True) and FSDP's
+    unsharding), and writing into them (merge_adapters) writes the parent's rows. The parent is
+    kept out of nn.Module's registry (object.__setattr__), so the base weight is seen once by
+    parameters(), state_dict() and FSDP; copy.deepcopy copies the reference with its parent.
+    """
+
+    def __init__(self, parent: "FusedLinear", start: int, stop: int):
+        super().__init__()
+        object.__setattr__(self, "parent", parent)      # not a submodule: no second path to the weight
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = parent.in_features, stop - start
+        self.adapter: nn.Module | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.parent.weight[self.start:self.stop]                         # (out, in) view
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.parent.bias
+        return None if b is None else b[self.start:self.stop]                 # (out,) view
+
+    def extra_repr(self) -> str:
+        return f"rows={self.start}:{self.stop}, in={self.in_features}, out={self.out_features}"
+
+
+class FusedLinear(AdaptedLinear):
+    """A fused projection (MPT's Wqkv: out = 3C, rows [q | k | v]) whose named row blocks are
+    slots too. One GEMM computes the base output; then either the whole slot carries an adapter
+    (ΔY [..., out], as an AdaptedLinear) or any of its blocks does (ΔY_b [..., out_b] on the
+    block's part of the output; attach_adapters refuses both at once):
+
+        y = x W^T + b                                      (..., out), one GEMM
+        y = y + ΔY                                         the fused adapter, if any
+        y = cat_b(y_b + ΔY_b  if block b has an adapter else y_b)   along out
+
+    `blocks` maps a name to its rows (start, stop); together they must tile 0:out in order.
+    The blocks are child modules under their names (`Wqkv.q.adapter.*`); the weight and bias
+    keep the fused Hugging Face keys (`Wqkv.weight`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, blocks: dict[str, tuple[int, int]],
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        edges = [0] + [stop for _, stop in blocks.values()]
+        if [start for start, _ in blocks.values()] != edges[:-1] or edges[-1] != out_features or \
+                any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"row blocks {blocks} must tile rows 0:{out_features} in order")
+        clash = sorted(set(blocks) & {"weight", "bias", "adapter"})
+        if clash:
+            raise ValueError(f"row block names {clash} clash with the slot's own attributes")
+        self.block_names = tuple(blocks)
+        for name, (start, stop) in blocks.items():
+            self.add_module(name, RowBlock(self, start, stop))
+
+    def row_blocks(self) -> list[RowBlock]:
+        return [getattr(self, name) for name in self.block_names]
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        ctx = ctx if ctx is not None else ForwardContext()
+        base = F.linear(x, self.weight, self.bias)                             # (..., out)
+        y = base if self.adapter is None else base + self.adapter(x, base, ctx, self)
+        blocks = self.row_blocks()
+        if all(b.adapter is None for b in blocks):
+            return y
+        # each adapter sees its block's part of the base output (..., out_b); a new tensor, no
+        # in-place writes into slices of y (autograd)
+        parts = []
+        for b in blocks:
+            part = y[..., b.start:b.stop]
+            if b.adapter is not None:
+                part = part + b.adapter(x, base[..., b.start:b.stop], ctx, b)
+            parts.append(part)
+        return torch.cat(parts, dim=-1)                                        # (..., out)
+
+    def extra_repr(self) -> str:
+        rows = ", ".join(f"{n}={getattr(self, n).start}:{getattr(self, n).stop}" for n in self.block_names)
+        return super().extra_repr() + f", blocks=({rows})"
 
 
 class FeedForward(nn.Module):

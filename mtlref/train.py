@@ -248,13 +248,14 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
 
 @torch.no_grad()
 def predict(model, batches, device, precision: str = "auto") -> tuple[list[int], list[float]]:
-    """Run single-task evaluation batches; returns (indices, predictions) in batch order."""
+    """Run single-task evaluation batches through model.predict_batch (a head's argmax or score,
+    or T5's parsed generation); returns (indices, predictions) in batch order."""
     idx_all, preds_all = [], []
     for idx, batch in batches:
         batch = to_device(batch, device)
         check_task_ids(model, batch)
         with autocast(device, precision):
-            out = model(batch)
+            preds = model.predict_batch(batch)
         idx_all.extend(idx)
-        preds_all.extend(model.predict(out.float(), batch).tolist())
+        preds_all.extend(preds.float().tolist())
     return idx_all, preds_all

@@ -67,3 +67,29 @@ class Spec:
     @property
     def num_labels(self):
         return 1 if self.kind == "regression" else len(self.labels)
+
+
+@pytest.fixture(scope="session")
+def t5_real_vocab(tmp_path_factory) -> Path:
+    """A random tiny T5 (v1.0: ReLU FFN, tied head) in the Hugging Face layout whose vocabulary is
+    t5-base's 32,128 rows, with the real T5 SentencePiece model: it reads and writes real GLUE text."""
+    import json
+    import shutil
+    from safetensors.torch import save_file
+    from mtlref.models import t5
+    spiece = need(SHARED / "weights" / "tokenizers" / "t5" / "spiece.model")
+    out = tmp_path_factory.mktemp("t5-real-vocab")
+    cfg = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 32128, "d_model": 32,
+           "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+           "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+           "feed_forward_proj": "relu", "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1,
+           "decoder_start_token_id": 0, "layer_norm_epsilon": 1e-6, "is_encoder_decoder": True}
+    model = t5.Model(t5.Config.from_hf(cfg))
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in model.state_dict().items():
+        state[name] = torch.ones_like(p) if name.endswith("layer_norm.weight") else 0.05 * torch.randn(p.shape, generator=g)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.copy(spiece, out / "spiece.model")
+    return out

@@ -267,7 +267,7 @@ def test_attach_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of num_experts"):
         attach_adapters(copy.deepcopy(base), "moelora", ["q_proj"], rank=6, num_experts=4)
     with pytest.raises(ValueError, match="task_dim"):
-        attach_adapters(copy.deepcopy(base), "more", ["q_proj"], task_dim=5)
+        attach_adapters(copy.deepcopy(base), "more", ["q_proj"], task_dim=0)
     model = attached("toy", "lora")
     with pytest.raises(ValueError, match="already has adapters"):
         attach_adapters(model, "lora", ["q_proj"])
@@ -324,7 +324,7 @@ def test_trainable_counts_match_more_table6(method):
     E = options.get("num_experts", 0)
     per_module = {
         "lora": lambda i, o: r * (i + o),                                  # 6Lr(m+d)
-        "multilora": lambda i, o: n * r * (i + o) + o,                     # 6nLr(m+d) + 6Ld
+        "multilora": lambda i, o: n * r * (i + o) + n * o,                 # 6nLr(m+d) + 6nLd (Table 6: 6Ld, one scale)
         "moelora": lambda i, o: r * (i + o) + h * (E + T),                 # 6Lr(m+d) + 6Lh(n+T)
         "more": lambda i, o: r * (i + o) + i * (r + T) + r,                # 6Lr(m+d) + 6Lh(r+T) + b_g, h = in
         "mixlora": lambda i, o: E * r * (i + o),                           # 2nLr(m+d), the experts

@@ -9,7 +9,9 @@ save and load them.
 
 `targets` match a module path's suffix at a dot boundary, as peft does: "q_proj" matches
 `model.layers.3.self_attn.q_proj`, "output.dense" matches BERT's FFN output and
-`attention.output.dense`; "proj" matches neither.
+`attention.output.dense`; "proj" matches neither. The row blocks of a fused projection are
+slots too (layers.FusedLinear: MPT's Wqkv has blocks q, k, v, so "q" or "Wqkv.q" adapts the
+query rows only); a fused slot and one of its blocks cannot both be targeted.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from mtlref.adapters.moelora import MoELoRA
 from mtlref.adapters.more import MoRE
 from mtlref.adapters.mtl_lora import MTLLoRA
 from mtlref.adapters.multilora import MultiLoRA
-from mtlref.layers import AdaptedLinear, FeedForward
+from mtlref.layers import AdaptedLinear, FeedForward, RowBlock
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "lora": LoRA, "dora": DoRA, "multilora": MultiLoRA, "moelora": MoELoRA,
@@ -45,15 +47,42 @@ def matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def slots_of(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+SLOT_TYPES = (AdaptedLinear, RowBlock)                 # what a projection adapter attaches to
+
+
+def slots_of(model: nn.Module) -> dict[str, AdaptedLinear | RowBlock]:
+    """Module path -> projection slot: every AdaptedLinear and every row block of a FusedLinear
+    (`...attn.Wqkv.q`)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SLOT_TYPES)}
+
+
+def slot_suffix(name: str, slot: nn.Module) -> str:
+    """The name a user targets a slot by: its last component, with its parent's for a row block
+    ("Wqkv.q"), for error messages."""
+    return ".".join(name.split(".")[-2:]) if isinstance(slot, RowBlock) else name.rsplit(".", 1)[-1]
+
+
+def check_no_overlap(chosen: dict[str, nn.Module], targets: list[str]) -> None:
+    """A fused slot and one of its row blocks, both chosen, would adapt the same rows twice."""
+    path = {id(s): n for n, s in chosen.items()}
+    for name, s in chosen.items():
+        if isinstance(s, RowBlock) and id(s.parent) in path:
+            fused = path[id(s.parent)]
+            t_fused = next(t for t in targets if matches(fused, t))
+            t_block = next(t for t in targets if matches(name, t))
+            raise ValueError(f"targets {t_fused!r} and {t_block!r} both adapt rows {s.start}:{s.stop} of {fused} "
+                             f"(the fused slot and its row block {name}); target either the fused slot "
+                             f"or its blocks, not both")
 
 
 def attach_adapters(model: nn.Module, method: str, targets, num_tasks: int = 1, rank: int = 8,
-                    alpha: float = 16, dropout: float = 0.0, **options) -> nn.Module:
+                    alpha: float = 16, dropout: float = 0.0, within: str | None = None, meta_ok: bool = False,
+                    **options) -> nn.Module:
     """Freeze every base parameter and attach `method` to every slot whose path ends with a
     target. MixLoRA puts its experts on the targeted FFN projections and a plain LoRA on the
-    other targets."""
+    other targets. within: only slots under this module path (T5 with encoder heads: "encoder",
+    where the gradient reaches). meta_ok: a base on the meta device (no weights) is accepted,
+    for counting parameters only (mtlref/params.py); otherwise it is an error."""
     if method not in REGISTRY:
         raise ValueError(f"unknown adapter method {method!r}; mtlref knows {sorted(REGISTRY)}")
     cls = REGISTRY[method]
@@ -65,14 +94,19 @@ def attach_adapters(model: nn.Module, method: str, targets, num_tasks: int = 1, 
     if getattr(model, "adapter_config", None) is not None or any(s.adapter is not None for s in slots.values()):
         raise ValueError("this model already has adapters; load a fresh base model (or use merge_adapters "
                          "to fold them in) before attaching again")
+    if within is not None:
+        slots = {n: s for n, s in slots.items() if n.startswith(within + ".")}
+    if not meta_ok and any(s.weight.is_meta for s in slots.values()):
+        raise ValueError("attach adapters after the weights are loaded (the base weight is on the meta device)")
     if not slots or not targets:
         raise ValueError(f"nothing to adapt: {len(slots)} AdaptedLinear slots in the model, targets={targets}")
     for t in targets:
         if not any(matches(name, t) for name in slots):
-            suffixes = sorted({n.rsplit(".", 1)[-1] for n in slots})
+            suffixes = sorted({slot_suffix(n, s) for n, s in slots.items()})
             raise ValueError(f"target {t!r} matches no projection of this model; slot names end with "
                              f"{suffixes} (dotted suffixes such as 'output.dense' also work)")
     chosen = {n: s for n, s in slots.items() if any(matches(n, t) for t in targets)}
+    check_no_overlap(chosen, targets)
     new: list[tuple[nn.Module, nn.Module]] = []          # (slot or FFN block, adapter), built before any change
     slot_cls, slot_options = cls, options
     if getattr(cls, "slot", "linear") == "ffn":
@@ -84,7 +118,18 @@ def attach_adapters(model: nn.Module, method: str, targets, num_tasks: int = 1, 
     for module, adapter in new:
         module.adapter = adapter.train(module.training)
     model.adapter_config = {"method": method, "targets": targets, "num_tasks": num_tasks, "rank": rank,
-                            "alpha": alpha, "dropout": dropout, "options": dict(options)}
+                            "alpha": alpha, "dropout": dropout, "options": dict(options), "within": within}
+    return model
+
+
+def detach_adapters(model: nn.Module) -> nn.Module:
+    """Remove every adapter (the base stays frozen): the model as load_model gave it, ready for
+    attach_adapters again (LoRA-ST trains one task's adapter after the other on one base)."""
+    for m in model.modules():
+        if isinstance(m, (*SLOT_TYPES, FeedForward)):
+            m.adapter = None
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
     return model
 
 
@@ -109,9 +154,9 @@ def ffn_adapters(model, cls, chosen, num_tasks, rank, alpha, dropout, options):
 
 
 def adapters_of(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> attached adapter, for projection slots and FFN blocks."""
+    """Module path -> attached adapter, for projection slots (row blocks included) and FFN blocks."""
     return {name: m.adapter for name, m in model.named_modules()
-            if isinstance(m, (AdaptedLinear, FeedForward)) and m.adapter is not None}
+            if isinstance(m, (*SLOT_TYPES, FeedForward)) and m.adapter is not None}
 
 
 def require_config(model: nn.Module) -> dict:
@@ -132,7 +177,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int, float]:
 
 def merge_adapters(model: nn.Module, task_id: int) -> nn.Module:
     """A deep copy of `model` with W + ΔW_t in every adapted slot and no adapters: the plain
-    base architecture that serves task `task_id` at the base model's cost."""
+    base architecture that serves task `task_id` at the base model's cost. A row block's
+    weight is a view of its fused parent's rows (in the copy: the copy's parent), so copying
+    into it folds ΔW_t into those rows."""
     cfg = require_config(model)
     if not REGISTRY[cfg["method"]].mergeable:
         raise ValueError(f"{cfg['method']} adapters cannot be merged into the base weights (its experts are "
@@ -224,7 +271,7 @@ def load_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | 
     have = getattr(model, "adapter_config", None)
     if have is None:
         attach_adapters(model, cfg["method"], cfg["targets"], cfg["num_tasks"], cfg["rank"], cfg["alpha"],
-                        cfg["dropout"], **cfg["options"])
+                        cfg["dropout"], within=cfg.get("within"), **cfg["options"])
     else:
         keys = ("method", "targets", "num_tasks", "rank", "alpha", "options")
         diff = [k for k in keys if json.loads(json.dumps(have[k])) != cfg[k]]

@@ -59,8 +59,6 @@ class Adapter(nn.Module):
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if base.weight.is_meta:
-            raise ValueError("attach adapters after the weights are loaded (the base weight is on the meta device)")
         if rank < 1 or num_tasks < 1:
             raise ValueError(f"{self.method}: rank ({rank}) and num_tasks ({num_tasks}) must be >= 1")
         self.in_features, self.out_features = base.in_features, base.out_features

@@ -5,9 +5,13 @@ m [out] is the magnitude, initialised to the row norms ‖W‖_c of the base wei
 the input dim, one per output channel), so W' = W at init; ‖V‖_c is treated as a constant
 in the backward (DoRA §4.3: detached), which is what saves its memory. The bias is unchanged.
 
-Instead of a second full GEMM W' x, ΔY = W'x + b - y uses the base output y - b = W x:
-    ΔY = (m/‖V‖ - 1) ⊙ (y - b) + (m/‖V‖) ⊙ s B A dropout(x)
-(dropout touches only the low-rank branch, as in the peft implementation).
+Dropout, as peft applies it (peft's lora.Linear + DoraLinearLayer): with xd = dropout(x),
+ONE mask shared by both terms, the output is y + W' xd - W xd, i.e.
+    ΔY = (m/‖V‖ - 1) ⊙ (W xd) + (m/‖V‖) ⊙ s B A xd
+which costs one extra F.linear(xd, W) while training with dropout (peft does the same: it
+passes base_result=None and recomputes W xd). When dropout is off (p = 0, or eval mode) xd = x and W x = y - b is
+already there, so no second full GEMM: ΔY = (m/‖V‖ - 1) ⊙ (y - b) + (m/‖V‖) ⊙ s B A x
+(peft reuses the base result the same way).
 At init B = 0 and m = ‖W‖_c are computed by the same op, so m/‖V‖ = 1 and ΔY = 0 up to
 rounding: we measure max|ΔY| = 0 on CPU fp32 and the tests allow 1e-6 (exact_zero_init=False
 because a different reduction order on another device may give ±1 ulp in the norm).
@@ -43,10 +47,15 @@ class DoRA(Adapter):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext, base: AdaptedLinear) -> torch.Tensor:
         ratio = self.magnitude / self.column_norm(base)                        # (out,) m / ‖V‖
-        wx = y.float() if base.bias is None else y.float() - base.bias.float()  # (..., out) W x
+        xd = self.dropout(x.to(self.lora_A.dtype))                             # one mask for both terms
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # W xd in the base's dtype (the precision y itself was computed in), as fp32
+            wx = F.linear(xd.to(base.weight.dtype), base.weight).float()       # (..., out) W dropout(x)
+        else:
+            wx = y.float() if base.bias is None else y.float() - base.bias.float()   # (..., out) W x = y - b
         B = self.lora_B * (ratio * self.scaling)[:, None]                      # (m/‖V‖)·s·B  (out, r), small
-        bax = up_project(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), B)
-        return torch.addcmul(bax, wx, ratio - 1).to(y.dtype)                  # + (m/‖V‖ - 1) ⊙ W x
+        bax = up_project(F.linear(xd, self.lora_A), B)                         # (m/‖V‖)·s·B A xd
+        return torch.addcmul(bax, wx, ratio - 1).to(y.dtype)                  # + (m/‖V‖ - 1) ⊙ W xd
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         self.check_task(task_id)

@@ -2,7 +2,8 @@
 
 Expert e is a whole FFN whose targeted projections (gate/up/down; T5 wi/wo or wi_0/wi_1/wo,
 BERT intermediate.dense/output.dense) use W + s B_e A_e, s = α/r. Per FFN block, a router
-Linear(d_model -> E, no bias, nn.Linear's default init) scores every token:
+Linear(d_model -> E, no bias) scores every token; its weight starts N(0, 0.02²) (official
+code: MixLoRA's "router_init_range": 0.02, the std):
     w = softmax(top-k router logits)          (..., k)   fp32
 (the softmax of the k kept logits; equal to the full softmax renormalised over the top k)
     FFN(x) = Σ_k w_k FFN_{e_k}(x)
@@ -17,9 +18,11 @@ We write Σ_k w_k h_k as h_0 + Σ_k w_k (h_k - h_0), h_0 the base hidden state: 
 (Σ_k w_k = 1), but exactly the base FFN when B = 0, so ΔFFN = 0 exactly at init.
 Expert low-rank products run for all E experts at once, masked to the selected ones (E·r
 extra rank columns, no loop over experts or tokens).
-Load balance (Switch Transformer): L = E · Σ_e f_e P_e over the real tokens (ctx.mask when it
-matches x), f_e the fraction of the N·k routing slots sent to e, P_e the mean router
-probability; emitted as "mixlora_balance" while training. (Mixtral's code omits the 1/k in f_e.)
+Load balance, in the Mixtral convention (transformers' load_balancing_loss_func):
+L = E · Σ_e f_e P_e over the N real tokens (ctx.mask when it matches x),
+f_e = (routing slots sent to e, each of a token's k slots counted) / N, NOT divided by k
+(Σ_e f_e = k, so L = k when routing is uniform; Switch's top-1 is the case k = 1), and P_e the
+mean router probability (softmax over all E logits); emitted as "mixlora_balance" while training.
 Per FFN block: E·r·Σ(in+out) over the targeted projections + E·d_model (router).
 """
 from __future__ import annotations
@@ -71,14 +74,13 @@ class MixLoRA(nn.Module):
         if any(r not in ROLES or parts[r] is None for r in roles) or not roles:
             raise ValueError(f"mixlora: targeted FFN roles {roles} must be a non-empty subset of the "
                              f"block's projections {[r for r in ROLES if parts[r] is not None]}")
-        if up.weight.is_meta:
-            raise ValueError("attach adapters after the weights are loaded (the base weight is on the meta device)")
         dev = up.weight.device
         self.num_tasks, self.rank, self.alpha = num_tasks, rank, float(alpha)
         self.scaling = self.alpha / rank
         self.num_experts, self.top_k, self.roles = num_experts, top_k, tuple(roles)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(up.in_features, num_experts, bias=False, device=dev, dtype=torch.float32)
+        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)             # official code: router_init_range
         self.experts = nn.ModuleDict({r: ExpertLoRA(num_experts, rank, parts[r].in_features,
                                                     parts[r].out_features, dev) for r in self.roles})
 
@@ -121,8 +123,8 @@ class MixLoRA(nn.Module):
         return out
 
     def balance_loss(self, probs: torch.Tensor, pick: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Switch load balance E · Σ_e f_e P_e over real tokens. probs (..., E), pick (..., k, E)."""
-        frac = pick.sum(-2) / self.top_k                                     # (..., E) share of slots
+        """Mixtral load balance E · Σ_e f_e P_e over real tokens. probs (..., E), pick (..., k, E)."""
+        frac = pick.sum(-2)                                                  # (..., E) slots sent to e, 0..k
         m = ctx.mask
         if m is not None and probs.dim() == 3 and m.shape == probs.shape[:2]:
             m = m.to(probs.dtype)[..., None]

@@ -3,10 +3,11 @@
 E experts of rank r/E and a task-level gate per module:
     g_t = softmax(W_gate e_t)              (E,)  e_t a learned task embedding, no bias
     ΔY  = s · Σ_e g_{t,e} B_e A_e x        s = α/r
-task_embedding [T, h] (N(0, 1), like nn.Embedding), gate = Linear(h -> E, bias=False)
+task_embedding [T, h] (N(0, 1), nn.Embedding's default), gate = Linear(h -> E, bias=False)
 (nn.Linear's default init), lora_A [r, in] and lora_B [out, r] where expert e owns the rank
-rows/columns e·r/E:(e+1)·r/E. A module holds r(in+out) + h(E+T) parameters: the
-6Lr(m+d) + 6Lh(n+T) of MoRE Table 6 (n = E).
+rows/columns e·r/E:(e+1)·r/E. Init as the official code (MOELoRA-peft): every expert's A
+~ N(0, 0.01²) (std 0.01), B = 0, so ΔW = 0 at init.
+A module holds r(in+out) + h(E+T) parameters: the 6Lr(m+d) + 6Lh(n+T) of MoRE Table 6 (n = E).
 The E experts are one rank-r product whose rank columns are scaled per sample by g_t, each
 weight repeated r/E times: no loop over experts.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import Adapter, lora_a_init, per_sample, up_project
+from mtlref.adapters.base import Adapter, per_sample, up_project
 from mtlref.layers import AdaptedLinear, ForwardContext
 
 
@@ -34,7 +35,8 @@ class MoELoRA(Adapter):
                              f"(each expert has rank r/E); e.g. rank=16 with num_experts=8")
         self.num_experts, self.task_dim = num_experts, task_dim
         dev = self.device_of(base)
-        self.lora_A = nn.Parameter(lora_a_init(rank, self.in_features, device=dev))
+        A = torch.empty(rank, self.in_features, device=dev, dtype=torch.float32)
+        self.lora_A = nn.Parameter(A.normal_(0.0, 0.01))                     # official code: N(0, 0.01²)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         self.task_embedding = nn.Parameter(torch.randn(num_tasks, task_dim, device=dev))
         self.gate = nn.Linear(task_dim, num_experts, bias=False, device=dev, dtype=torch.float32)

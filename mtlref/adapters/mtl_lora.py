@@ -8,11 +8,21 @@ task_weights [T, n]  w_t, mixed by a softmax with temperature τ (fp32)
 Init of w_t: the paper is silent. With uniform w_t and B = 0 the n up-projections get
 identical gradients forever and w_t never leaves uniform (the symmetry is never broken; a
 test shows it), so the default is weights_init="normal": w_t ~ N(0, τ²), i.e. w_t/τ ~ N(0, 1)
-whatever τ. weights_init="uniform" (w_t = 0) is kept to reproduce that failure.
+whatever τ. weights_init="uniform" (w_t = 0) is kept to reproduce that failure;
+weights_init="kaiming" is the official code's Kaiming-uniform(a=√5) on the [T, n] tensor,
+i.e. U(-1/√n, 1/√n) (fan_in = n).
+The ablation switches of MTL-LoRA Table 5:
+  "w/o Λ_t"  task_lambda=False: Λ_t fixed to the identity and no task_lambda tensor at all
+             (not stored, not counted as trainable); w_t is then the only per-task tensor;
+  "w/o τ"    tau=1.0: plain softmax(w_t);
+  "n = 1"    num_up=1: one up-projection, softmax of one weight = 1, so ΔW_t = s B Λ_t A.
+full_lambda=True makes Λ_t a full r×r matrix (the paper's Λ_t ∈ R^{r×r}), init identity.
 The per-task mixed up-projection B̄_t = Σ_i π_{t,i} B^i (T, out, r) is formed once per
 forward and gathered per sample, so a batch may mix tasks.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -21,31 +31,42 @@ import torch.nn.functional as F
 from mtlref.adapters.base import Adapter, lora_a_init, per_sample, per_sample_up
 from mtlref.layers import AdaptedLinear, ForwardContext
 
+WEIGHTS_INITS = ("normal", "uniform", "kaiming")
+
 
 class MTLLoRA(Adapter):
     method = "mtl-lora"
-    options = ("num_up", "tau", "full_lambda", "weights_init")
+    options = ("num_up", "tau", "full_lambda", "weights_init", "task_lambda")
     zero_init = ("lora_B",)
     task_specific = True
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
-                 num_up: int = 3, tau: float = 0.5, full_lambda: bool = False, weights_init: str = "normal"):
+                 num_up: int = 3, tau: float = 0.5, full_lambda: bool = False, weights_init: str = "normal",
+                 task_lambda: bool = True):
         super().__init__(base, num_tasks, rank, alpha, dropout)
-        if weights_init not in ("normal", "uniform"):
-            raise ValueError(f"mtl-lora: weights_init must be 'normal' or 'uniform', got {weights_init!r}")
+        if weights_init not in WEIGHTS_INITS:
+            raise ValueError(f"mtl-lora: weights_init must be one of {WEIGHTS_INITS}, got {weights_init!r}")
         if num_up < 1 or tau <= 0:
             raise ValueError(f"mtl-lora: need num_up >= 1 and tau > 0, got num_up={num_up}, tau={tau}")
+        if full_lambda and not task_lambda:
+            raise ValueError("mtl-lora: full_lambda=True needs task_lambda=True (task_lambda=False fixes Λ_t = I)")
         self.num_up, self.tau, self.full_lambda = num_up, float(tau), bool(full_lambda)
+        self.has_lambda = bool(task_lambda)
         dev = self.device_of(base)
         self.lora_A = nn.Parameter(lora_a_init(rank, self.in_features, device=dev))
-        if full_lambda:
-            lam = torch.eye(rank, device=dev).repeat(num_tasks, 1, 1)          # Λ_t = I  (T, r, r)
+        if not self.has_lambda:
+            self.register_parameter("task_lambda", None)                       # "w/o Λ_t": Λ_t = I, not stored
+        elif full_lambda:
+            self.task_lambda = nn.Parameter(torch.eye(rank, device=dev).repeat(num_tasks, 1, 1))   # Λ_t = I (T, r, r)
         else:
-            lam = torch.ones(num_tasks, rank, device=dev)                      # diag(Λ_t) = 1  (T, r)
-        self.task_lambda = nn.Parameter(lam)
+            self.task_lambda = nn.Parameter(torch.ones(num_tasks, rank, device=dev))   # diag(Λ_t) = 1  (T, r)
         self.lora_B = nn.Parameter(torch.zeros(num_up, self.out_features, rank, device=dev))
         w = torch.zeros(num_tasks, num_up, device=dev)
-        self.task_weights = nn.Parameter(w.normal_(0.0, self.tau) if weights_init == "normal" else w)
+        if weights_init == "normal":
+            w.normal_(0.0, self.tau)                                           # w_t/τ ~ N(0, 1)
+        elif weights_init == "kaiming":
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))                        # official code: U(±1/√n)
+        self.task_weights = nn.Parameter(w)
 
     def mixed_up(self) -> torch.Tensor:
         """B̄_t = Σ_i softmax(w_t/τ)_i B^i for every task: (T, out, r)."""
@@ -56,20 +77,24 @@ class MTLLoRA(Adapter):
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext, base: AdaptedLinear) -> torch.Tensor:
         t = self.task_ids(ctx, x)
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)    # A x  (..., r)
-        lam = self.task_lambda[t]                                           # (B, r) or (B, r, r)
-        if self.full_lambda:
-            # b sample, q/r rank (out/in of Λ_t)
-            z = torch.einsum("b...r,bqr->b...q", z, lam)                    # Λ_t A x
-        else:
-            z = z * per_sample(lam, z)
+        if self.has_lambda:
+            lam = self.task_lambda[t]                                       # (B, r) or (B, r, r)
+            if self.full_lambda:
+                # b sample, q/r rank (out/in of Λ_t)
+                z = torch.einsum("b...r,bqr->b...q", z, lam)                # Λ_t A x
+            else:
+                z = z * per_sample(lam, z)
         # s B̄_t^T per task, transposed to (T, r, out) once (T·r·out numbers) and gathered per sample
         up = (self.scaling * self.mixed_up()).transpose(1, 2).contiguous()
         return per_sample_up(z, up[t]).to(y.dtype)                          # s B̄_t Λ_t A x  (..., out)
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         t = self.check_task(task_id)
+        if not self.has_lambda:
+            return self.scaling * self.mixed_up()[t] @ self.lora_A          # Λ_t = I  (out, in)
         lam = self.task_lambda[t] if self.full_lambda else torch.diag(self.task_lambda[t])
         return self.scaling * self.mixed_up()[t] @ lam @ self.lora_A         # (out, in)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_up={self.num_up}, tau={self.tau:g}, full_lambda={self.full_lambda}"
+        return super().extra_repr() + (f", num_up={self.num_up}, tau={self.tau:g}, full_lambda={self.full_lambda}"
+                                       f", task_lambda={self.has_lambda}")

@@ -3,7 +3,9 @@
 How each family reads an example:
 - BERT: the sentence pair as `[CLS] a [SEP] b [SEP]` with token types, truncated longest-first.
 - T5: the text-to-text input string (templates.t5_input), EOS last, truncated at the end
-  but keeping EOS.
+  but keeping EOS. With text_to_text (MoRE Eq. 9, the T5 protocol) the decoder is trained on
+  the label's target text (templates.t5_target) + EOS: decoder_input_ids are the targets
+  shifted right after decoder_start_token_id, target_ids carry -100 on padding.
 - LLaMA / MPT: the MTL-LoRA Table 9 prompt (templates.render) after BOS; a prompt longer
   than max_length keeps its END (where the question and "Answer:" are) and BOS.
 - Generation (commonsense, decoders only): BOS + the LLM-Adapters prompt + the response +
@@ -19,13 +21,28 @@ from mtlref.data import templates
 
 
 class Encoder:
-    def __init__(self, tok, family: str, max_length: int):
+    """text_to_text: T5 with its decoder trained on the target text (needs decoder_start, the
+    model's config.decoder_start_token_id); specs: {task: TaskSpec} for users' own tasks, whose
+    label names are not in the registry."""
+
+    def __init__(self, tok, family: str, max_length: int, text_to_text: bool = False,
+                 decoder_start: int = 0, specs: dict | None = None):
+        if text_to_text and family != "t5":
+            raise ValueError(f"text-to-text training (--objective gen) is T5's protocol; a {family} model "
+                             "trains per-task heads (--objective head)")
         self.tok, self.family, self.max_length = tok, family, max_length
+        self.text_to_text, self.decoder_start, self.specs = text_to_text, decoder_start, specs or {}
         self.cache: dict[tuple, tuple[list[int], list[int] | None]] = {}
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
 
+    def target_ids(self, ex) -> list[int]:
+        """The T5 target: the label's text + EOS (T5's tokenizer adds EOS)."""
+        spec = self.specs.get(ex.task)
+        return self.tok.encode(templates.t5_target(ex.task, ex.label, spec))
+
     def encode(self, ex) -> tuple[list[int], list[int] | None]:
-        """-> (input ids, token types (BERT) | response mask (generation) | None)."""
+        """-> (input ids, token types (BERT) | response mask (generation) | target ids (T5
+        text-to-text) | None)."""
         L = self.max_length
         if ex.target is not None:
             if self.family not in ("llama", "mpt"):
@@ -41,7 +58,8 @@ class Encoder:
             return enc["input_ids"], enc["token_type_ids"]
         if self.family == "t5":
             ids = self.tok.encode(templates.t5_input(ex.task, ex.text, ex.text_pair))
-            return (ids if len(ids) <= L else ids[: L - 1] + ids[-1:]), None
+            ids = ids if len(ids) <= L else ids[: L - 1] + ids[-1:]
+            return ids, (self.target_ids(ex) if self.text_to_text else None)
         ids = self.tok.encode(templates.render(ex.task, ex.text, ex.text_pair))
         bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
         keep = L - len(bos)
@@ -72,6 +90,17 @@ class Encoder:
         if generative:                                   # next-token targets on the response only
             batch["target_ids"] = torch.where(types.bool(), input_ids, torch.full_like(input_ids, -100))
         else:
+            if self.text_to_text:                        # T5: decoder reads [start] + target[:-1]
+                targets = [tt for _, tt in encoded]
+                D = max(len(t) for t in targets)
+                dec = torch.full((B, D), self.pad_id, dtype=torch.long)
+                tgt = torch.full((B, D), -100, dtype=torch.long)
+                dmask = torch.zeros((B, D), dtype=torch.long)
+                for b, t in enumerate(targets):
+                    dec[b, : len(t)] = torch.tensor([self.decoder_start] + t[:-1])
+                    tgt[b, : len(t)] = torch.tensor(t)
+                    dmask[b, : len(t)] = 1
+                batch.update(decoder_input_ids=dec, decoder_attention_mask=dmask, target_ids=tgt)
             batch["labels"] = torch.tensor([float(ex.label) for _, _, ex in items], dtype=torch.float32)
             if types is not None:
                 batch["token_type_ids"] = types
@@ -94,6 +123,9 @@ class LengthGroupedBatches:
     their samples sorted by token length and cut again into `pool` batches, which come out in
     a seeded random order. The task mixture is the sampler's; only who shares a batch changes.
     (A mixed GLUE batch otherwise pads every sentence to its longest RTE/QNLI pair.)
+    Single-task batches (sampler.mixed False, MoRE Eq. 8's "a batch where all samples belong
+    to the same task") stay single-task: the pool's batches are grouped by their task and
+    only the items of one task are sorted and re-cut, into as many batches as it drew.
     State = the sampler's state at the pool's start + how many of its batches were given, so a
     resumed run continues exactly. pool=1 gives the sampler's batches unchanged.
     Data parallel: the sampler draws GLOBAL batches (num_replicas=1) and rank r keeps items
@@ -115,11 +147,15 @@ class LengthGroupedBatches:
         while True:
             self.start = self.sampler.state_dict()
             batches = [next(it) for _ in range(self.pool)]
-            items = [self.item(t, i) for b in batches for t, i in b]
-            if self.pool > 1:
-                items.sort(key=lambda x: len(self.encoder.get((x[0], x[1]), x[2])[0]))
-            size = len(batches[0])
-            chunks = [items[k * size:(k + 1) * size] for k in range(self.pool)]
+            groups: dict[str | None, list] = {}              # mixed: one group; else one per task
+            for b in batches:
+                groups.setdefault(None if self.sampler.mixed else b[0][0], []).append(b)
+            size, chunks = len(batches[0]), []
+            for group in groups.values():
+                items = [self.item(t, i) for b in group for t, i in b]
+                if self.pool > 1:
+                    items.sort(key=lambda x: len(self.encoder.get((x[0], x[1]), x[2])[0]))
+                chunks += [items[k * size:(k + 1) * size] for k in range(len(group))]
             order = torch.randperm(self.pool, generator=torch.Generator().manual_seed(
                 self.seed * 1_000_003 + self.start["batch"])).tolist()
             for j, k in enumerate(order):

@@ -4,7 +4,8 @@ task_probabilities(sizes, scheme) gives the mixing distribution over tasks:
     proportional  p_t ∝ n_t               (concatenate and shuffle)
     uniform       p_t = 1 / T
     temperature   p_t ∝ n_t^(1/T)         (T = 1: proportional; T -> inf: uniform)
-    more          p_t ∝ exp(n_t / Σ_i n_i) (MoRE Eq. 7, as printed)
+    more          p_t ∝ exp(n_t / Σ_i n_i) (MoRE Eq. 7, as printed; its official code too)
+    more_inverse  p_t ∝ exp(-n_t / Σ_i n_i) (Eq. 7's prose: "inversely proportional to its size")
 MultiTaskSampler draws batches of (task, index) pairs from it, deterministically under a seed,
 resumable from state_dict(), and split across data-parallel ranks.
 """
@@ -14,7 +15,7 @@ import zlib
 
 import numpy as np
 
-SCHEMES = ("proportional", "uniform", "temperature", "more")
+SCHEMES = ("proportional", "uniform", "temperature", "more", "more_inverse")
 
 
 def task_probabilities(sizes: dict[str, int], scheme: str = "proportional",
@@ -38,8 +39,13 @@ def task_probabilities(sizes: dict[str, int], scheme: str = "proportional",
         # MoRE Eq. 7: φ_t = exp(|D_t| / Σ_i |D_i|), normalised to sum to 1 for Sampling(D, Φ).
         # The text calls φ_t "inversely proportional" to |D_t|, but the printed formula grows with
         # |D_t| (mildly: every φ_t lies in (1, e], so the mixture is near uniform). We implement
-        # the formula as printed.
+        # the formula as printed, which is also what MoRE's official code computes
+        # (np.exp(n / sum n), normalised); "more_inverse" is the prose reading.
         w = np.exp(n / n.sum())
+    elif scheme == "more_inverse":
+        # Eq. 7 read by its prose ("inversely proportional to its size"): the printed formula with
+        # the sign of the exponent flipped, so smaller tasks weigh more (every φ_t in [1/e, 1)).
+        w = np.exp(-n / n.sum())
     else:
         raise ValueError(f"unknown sampling scheme {scheme!r}; choose one of {SCHEMES}")
     return dict(zip(sizes, (w / w.sum()).tolist()))

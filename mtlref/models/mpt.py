@@ -1,6 +1,6 @@
 """MPT (MosaicML, e.g. MPT-7B) in the Hugging Face layout, with every projection an
-AdaptedLinear slot. No position embeddings: ALiBi adds a per-head linear distance penalty
-to the attention scores.
+AdaptedLinear slot (the fused Wqkv's q, k, v row blocks are slots too). No position
+embeddings: ALiBi adds a per-head linear distance penalty to the attention scores.
 
     ids -> wte -> N x [x + attn(norm_1(x)); x + ffn(norm_2(x))] -> norm_f -> logits = h wte^T
 
@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtlref.checkpoint import check_config_keys
-from mtlref.layers import (AdaptedLinear, FeedForward, ForwardContext, KVCache, LayerNorm, alibi_bias,
-                           causal_padding_mask, decoder_key_mask, run_block)
+from mtlref.layers import (AdaptedLinear, FeedForward, ForwardContext, FusedLinear, KVCache, LayerNorm,
+                           alibi_bias, causal_padding_mask, decoder_key_mask, run_block)
 
 # config.json keys read by Config.from_hf (norm_type, ffn_config, tie_word_embeddings and the
 # dropouts are only checked).
@@ -104,16 +104,21 @@ def hf_key(name: str) -> str | None:
 class Attention(nn.Module):
     """Multi-head self-attention with ALiBi.
 
-    Wqkv stays ONE fused slot, as in the checkpoint: its key loads unchanged, q, k, v cost one
-    GEMM, and peft targets the same module name ("Wqkv"), so adapters match peft's. An adapter
-    on it has out = 3C and so adapts q, k and v together; to adapt only some of them, attach
-    an adapter whose ΔY is zero on the other thirds of the output."""
+    Wqkv stays ONE fused weight [3C, C], as in the checkpoint: its key loads unchanged and q, k,
+    v cost one GEMM. It is a FusedLinear, so it can be adapted two ways:
+      - target "Wqkv": one adapter over the whole 3C output (q, k and v together), the module
+        peft targets by the same name;
+      - targets "q", "k", "v" (or "Wqkv.q", ...): its row blocks [q | k | v], C rows each, each
+        with its own adapter under Wqkv.q.adapter.* etc., as LLaMA's separate q/k/v_proj
+        (MTL-LoRA Table 1 adapts Q, K, V and O as four modules).
+    Targeting "Wqkv" together with one of its blocks is an error: both would adapt the same rows."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.layer, self.H, self.D, self.scale = layer, cfg.n_heads, cfg.head_dim, cfg.softmax_scale
         C = cfg.d_model
-        self.Wqkv = AdaptedLinear(C, 3 * C, bias=not cfg.no_bias)
+        self.Wqkv = FusedLinear(C, 3 * C, {"q": (0, C), "k": (C, 2 * C), "v": (2 * C, 3 * C)},
+                                bias=not cfg.no_bias)
         self.out_proj = AdaptedLinear(C, C, bias=not cfg.no_bias)
 
     def forward(self, x, bias, ctx: ForwardContext, cache: KVCache | None):
