@@ -5,9 +5,10 @@
 
 The model is built on the meta device (no weights, no memory), each method is attached as the
 preset says (rank, targets, options; LoRA-ST as one LoRA per task), and the table lists the
-trainable adapter parameters (heads not included: they are the same for every method), their
-share of the base model, their share of a nominal size (--nominal, e.g. 7e9: MTL-LoRA Table 1
-divides by 7·10⁹, see docs/PROTOCOLS.md), and the count per task (MoRE Table 2's "params/task").
+adapter parameters (heads not included: they are the same for every method), how many of them
+train (MoRE's official mode freezes its gate), the trainable share of the base model, of a
+nominal size (--nominal, e.g. 7e9: MTL-LoRA Table 1 divides by 7·10⁹, see docs/PROTOCOLS.md),
+and the adapter parameters per task (MoRE Table 2's "params/task": the total over T tasks).
 """
 from __future__ import annotations
 
@@ -32,35 +33,38 @@ def meta_model(cfg: dict):
         return fam.Model(fam.Config.from_hf(cfg))
 
 
-def method_settings(preset: str, method: str, fam: str, options: list[str] = ()) -> dict:
-    """run.settings for `method` under `preset` with no other flag ("lora-st": --single-task)."""
+def method_settings(preset: str, method: str, fam: str, options: list[str] = (), **flags) -> dict:
+    """run.settings for `method` under `preset` ("lora-st": --single-task) with these flags."""
     single = method == "lora-st"
     args = argparse.Namespace(preset=preset, method="lora" if single else method, single_task=single,
-                              option=list(options), **{k: None for k in FLAG_KEYS})
+                              option=list(options), **{k: flags.get(k) for k in FLAG_KEYS})
     return settings(args, fam)
 
 
 def count(cfg: dict, preset: str, method: str, num_tasks: int = 8, bench: str = "glue",
-          options: list[str] = ()) -> dict:
-    """{method, trainable, total, percent, per_task} of one method attached as `preset` says."""
+          options: list[str] = (), **flags) -> dict:
+    """{method, adapter, trainable, base, percent, per_task} of one method attached as `preset`
+    (and the train.py flags given, e.g. rank=16, targets="attention") says."""
     model = meta_model(cfg)
     fam = family(model)
-    s = method_settings(preset, method, fam, options)
+    s = method_settings(preset, method, fam, options, **flags)
     objective = objective_of(s, fam, bench)
     if method == "lora-st":
         s["options"]["per_task"] = True
     attach(model, "lora" if method == "lora-st" else method, s, num_tasks, objective, meta_ok=True)
-    trainable, total, percent = count_parameters(model)
-    base = total - trainable
-    return {"method": method, "trainable": trainable, "base": base, "percent": 100.0 * trainable / base,
-            "per_task": trainable / num_tasks, "rank": s["rank"], "options": s["options"]}
+    trainable, total, _ = count_parameters(model)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if ".adapter." in "." + n)
+    base = total - adapter
+    return {"method": method, "adapter": adapter, "trainable": trainable, "base": base,
+            "percent": 100.0 * trainable / base, "per_task": adapter / num_tasks, "rank": s["rank"],
+            "options": s["options"]}
 
 
 def table(config: str | Path, preset: str, methods: list[str] | None = None, num_tasks: int = 8,
-          nominal: float | None = None, bench: str = "glue", options: list[str] = ()) -> list[dict]:
+          nominal: float | None = None, bench: str = "glue", options: list[str] = (), **flags) -> list[dict]:
     cfg = json.loads(Path(config).read_text())
     methods = methods or list(PRESETS[preset]["methods"])
-    rows = [count(cfg, preset, m, num_tasks, bench, options) for m in methods]
+    rows = [count(cfg, preset, m, num_tasks, bench, options, **flags) for m in methods]
     for r in rows:
         r["nominal_percent"] = 100.0 * r["trainable"] / nominal if nominal else None
     return rows
@@ -68,10 +72,12 @@ def table(config: str | Path, preset: str, methods: list[str] | None = None, num
 
 def print_table(rows: list[dict], title: str) -> None:
     print(title)
-    print(f"{'method':12s} {'trainable':>13s} {'% of base':>10s} {'% nominal':>10s} {'per task':>10s}")
+    print(f"{'method':12s} {'adapter':>13s} {'trainable':>13s} {'% of base':>10s} {'% nominal':>10s} "
+          f"{'per task':>10s}")
     for r in rows:
         nominal = f"{r['nominal_percent']:10.3f}" if r["nominal_percent"] is not None else f"{'-':>10s}"
-        print(f"{r['method']:12s} {r['trainable']:13,d} {r['percent']:10.3f} {nominal} {r['per_task'] / 1e6:9.3f}M")
+        print(f"{r['method']:12s} {r['adapter']:13,d} {r['trainable']:13,d} {r['percent']:10.3f} {nominal} "
+              f"{r['per_task'] / 1e6:9.3f}M")
 
 
 def main(argv=None) -> list[dict]:
@@ -84,9 +90,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--nominal", type=float, default=None, help="also divide by this size, e.g. 7e9")
     p.add_argument("--bench", default="glue", help="glue | commonsense (picks T5's objective as train.py)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--targets", default=None, help="as train.py's --targets")
     args = p.parse_args(argv)
     rows = table(args.config, args.preset, args.method.split(",") if args.method else None, args.num_tasks,
-                 args.nominal, args.bench, args.option)
+                 args.nominal, args.bench, args.option, rank=args.rank, targets=args.targets)
     print_table(rows, f"{args.config} — preset {args.preset}, T = {args.num_tasks}")
     return rows
 

@@ -68,8 +68,7 @@ class Config:
     @classmethod
     def from_hf(cls, cfg: dict) -> "Config":
         names = {f.name for f in fields(cls) if f.init}
-        private = {k for k in cfg if k.startswith("_")}           # e.g. _name_or_path
-        check_config_keys(cfg, (), names | private, IGNORED_KEYS, "a BERT", "bert")
+        check_config_keys(cfg, (), names, IGNORED_KEYS, "a BERT", "bert")
         return cls(**{k: cfg[k] for k in names if k in cfg and cfg[k] is not None})
 
 
