@@ -181,10 +181,12 @@ def attach(backbone, method: str, s: dict, num_tasks: int, objective: str, meta_
                     dropout=s["dropout"] or 0.0, within=within, meta_ok=meta_ok, **s["options"])
     if method == "more" and s["options"].get("official") and fam == "t5":
         # MoRE's official code adds λ·L_con of the ENCODER's modules only (its T5 sums
-        # encoder_outputs.cl_loss twice; the decoder's is computed and never used).
+        # encoder_outputs.cl_loss twice; the decoder's is computed and never used), so the
+        # decoder's task embeddings, whose only gradient is L_con's (the gate is frozen), never train.
         for name, adapter in adapters_of(backbone).items():
             if name.startswith("decoder."):
                 adapter.contrastive = False
+                adapter.task_embedding.requires_grad_(False)
     return targets
 
 

@@ -179,11 +179,12 @@ def test_unparsed_answers_count_as_wrong_and_are_reported():
                     "attention_mask": torch.ones(len(items), 1, dtype=torch.long),
                     "task_ids": torch.tensor([t for t, _, _ in items]),
                     "labels": torch.tensor([float(int(ex.source.split(":")[1])) for _, _, ex in items])}
-    answers = [0.0, UNPARSED, 0.0, 1.0]                       # gold 0 1 0 1: one unparsed, three right
+    answers = [UNPARSED, UNPARSED, 0.0, 1.0]                  # gold 0 1 0 1: two unparsed, two right
     res = make_evaluator(Fixed(answers), Enc(), [get_spec("mrpc")], {"mrpc": {"test": exs}}, "test", 8, "cpu")()
     m = res["tasks"]["mrpc"]
-    assert m["accuracy"] == 0.75 and m["unparsed"] == 0.25
-    assert m["f1"] == pytest.approx(2 * 1 / (2 * 1 + 0 + 1))  # the unparsed "1" is taken as a wrong 0
+    assert m["accuracy"] == 0.5 and m["unparsed"] == 0.5
+    # as the wrong class: the unparsed gold 0 is a false positive, the unparsed gold 1 a false negative
+    assert m["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
 
 
 def test_t5_head_objective_adapts_only_the_encoder(t5_real_vocab):
@@ -226,6 +227,11 @@ def test_more_glue_on_a_t5_with_the_real_vocabulary(t5_real_vocab, tmp_path, cap
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval" in r] == [3, 6]
     assert all("more_contrastive" in r["loss"] for r in log if "loss" in r)
+    assert m["best_step"] == 3                                # ties later on (strict >): the first stays best
+    if m["best_step"] != m["steps"]:                          # <out>/ holds the reported (best) step's adapters
+        assert (out / "adapter.safetensors").read_bytes() == (out / "best" / "adapter.safetensors").read_bytes()
+        last = load_file(str(out / "last" / "adapter.safetensors"))
+        assert any(not torch.equal(v, load_file(str(out / "adapter.safetensors"))[k]) for k, v in last.items())
     weights = load_file(str(out / "adapter.safetensors"))
     bs = [v for k, v in weights.items() if k.endswith("lora_B")]
     assert len(bs) == 2 * 6 + 2 * 10 and all(bool(b.abs().sum() > 0) for b in bs)
@@ -256,3 +262,48 @@ def test_lora_st_trains_each_task_alone(tiny_bert, tiny_tasks, tmp_path):
                            stacked["encoder.layer.0.attention.self.query.adapter.lora_B"][1])
     again = eval_cli.main(["--checkpoint", str(tmp_path / "st")])
     assert again["tasks"] == st["tasks"]
+
+
+def test_eq10_lambda_and_the_balance_weight_reach_the_loop(tiny_bert, tiny_tasks, tmp_path, monkeypatch):
+    import mtlref.run
+    seen = []
+    real_fit = mtlref.run.fit
+    monkeypatch.setattr(mtlref.run, "fit", lambda model, batches, cfg, **kw: (seen.append(cfg), real_fit(
+        model, batches, cfg, **kw))[1])
+    base = ["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--batch-size", "4",
+            "--max-length", "16", "--max-steps", "1"]
+    train_cli.main(base + ["--method", "more", "--out", str(tmp_path / "a")])
+    train_cli.main(base + ["--method", "mixlora", "--lambda-con", "0.3", "--balance-weight", "0.002",
+                           "--out", str(tmp_path / "b")])
+    assert seen[0].aux_weights == {"more_contrastive": 0.1, "mixlora_balance": 0.01}    # MoRE §5.1, MixLoRA
+    assert seen[1].aux_weights == {"more_contrastive": 0.3, "mixlora_balance": 0.002}
+
+
+@pytest.mark.parametrize("options,objective", [((), "gen"), (("official=true", "task_dim=none"), "gen"),
+                                               ((), "head")])
+def test_every_tensor_counted_as_trainable_gets_a_gradient(t5_real_vocab, options, objective):
+    """What metrics.json counts as trainable is what trains: T5 text-to-text adapts both stacks,
+    T5 heads only the encoder, MoRE's official mode freezes its gate."""
+    from mtlref.run import build_model
+    from mtlref.train import LoopConfig, train_step
+    model = load_model(t5_real_vocab)
+    tok = load_tokenizer(t5_real_vocab)
+    s = settings(flags("more-glue", "more", option=options, objective=objective), "t5")
+    specs = [get_spec("rte"), get_spec("cola")]
+    attach(model, "more", s, 2, objective)
+    with torch.no_grad():                                   # B != 0, so every A receives a gradient too
+        for a in adapters_of(model).values():
+            a.lora_B.normal_()
+    lm = build_model(model, tok, specs, objective).train()
+    enc = Encoder(tok, "t5", 64, text_to_text=objective == "gen")
+    batch = enc.collate([(0, ("t", 0), Example("rte", "A b.", "C d.", 0, "x:1")),
+                         (1, ("t", 1), Example("cola", "It is.", None, 1, "x:2"))])
+    loss, parts = train_step(lm, batch, LoopConfig(max_steps=1))
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in trainable), \
+        [n for n, p in trainable if p.grad is None or not bool(p.grad.abs().sum() > 0)][:5]
+    assert count_parameters(model)[0] == sum(p.numel() for _, p in trainable)
+    assert any(n.startswith("decoder.") for n, _ in trainable) == (objective == "gen")
+    gates = [p for n, p in model.named_parameters() if ".gate." in n]
+    assert all(p.requires_grad != ("official=true" in options) for p in gates)

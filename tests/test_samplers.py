@@ -19,12 +19,16 @@ def test_probabilities_by_hand():
     ea, eb = math.exp(1 / 4), math.exp(3 / 4)                  # MoRE Eq. 7: exp(n_t / sum n)
     assert task_probabilities(sizes, "more") == pytest.approx({"a": ea / (ea + eb), "b": eb / (ea + eb)})
     assert task_probabilities(sizes, "temperature", 1.0) == pytest.approx(task_probabilities(sizes, "proportional"))
+    ia, ib = math.exp(-1 / 4), math.exp(-3 / 4)                # Eq. 7's prose reading: exp(-n_t / sum n)
+    assert task_probabilities(sizes, "more_inverse") == pytest.approx({"a": ia / (ia + ib), "b": ib / (ia + ib)})
 
 
 def test_more_grows_with_size_as_printed():
     p = task_probabilities(SIZES, "more")
     assert p["rte"] < p["mrpc"] < p["mnli"]
     assert max(p.values()) / min(p.values()) < math.e           # every φ_t lies in (1, e]
+    q = task_probabilities(SIZES, "more_inverse")              # "inversely proportional": the other way
+    assert q["rte"] > q["mrpc"] > q["mnli"] and max(q.values()) / min(q.values()) < math.e
 
 
 def test_bad_arguments():

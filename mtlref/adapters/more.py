@@ -140,6 +140,8 @@ class MoRE(Adapter):
         if self.official:
             nn.init.kaiming_uniform_(self.gate.weight, mode="fan_in", nonlinearity="relu")   # official code
             self.gate.requires_grad_(False)                                 # official code: never trains
+            if not self.contrastive:                                        # nor e_t then: only L_con moves it
+                self.task_embedding.requires_grad_(False)
             with torch.no_grad():                                           # the map of the first forward
                 self.register_buffer("rank_table", self.probs().argmax(dim=-1) + 1)   # (T,) r_t
 
