@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mtlref import distributed
-from mtlref.adapters import (CONFIG_FILE, WEIGHTS_FILE, adapter_state, adapters_of, attach_adapters,
+from mtlref.adapters import (CONFIG_FILE, REGISTRY, WEIGHTS_FILE, adapter_state, adapters_of, attach_adapters,
                              count_parameters, detach_adapters, load_adapters, save_adapters, write_atomic)
 from mtlref.checkpoint import CheckpointError, load_model, minilm_dir, read_config
 from mtlref.checkpointing import checkpoint_path
@@ -90,6 +90,9 @@ def settings(args, fam: str) -> dict:
         if not sep or not k:
             raise ValueError(f"--option {kv!r}: write KEY=VALUE, e.g. --option tau=0.5")
         s["options"][k] = option_value(v)
+    if "lr" not in s:
+        raise ValueError(f"preset {args.preset} gives no learning rate for {args.method} (its methods: "
+                         f"{sorted(methods)}); pass --lr")
     s.setdefault("rank", 8)
     s.setdefault("alpha", 2 * s["rank"])
     if s["batches"] not in ("mixed", "single-task"):
@@ -368,7 +371,6 @@ def write_outputs(backbone, out: Path, heads, extra_config: dict, metrics: dict,
 
 def train(args) -> dict:
     """train.py: one multi-task run, or LoRA-ST (--single-task)."""
-    from mtlref.adapters import REGISTRY
     if args.method not in REGISTRY:
         raise ValueError(f"unknown method {args.method!r}; choose one of {sorted(REGISTRY)}")
     if args.single_task and args.method != "lora":
@@ -378,6 +380,10 @@ def train(args) -> dict:
     fam = read_config(model_dir).get("model_type", "")
     s = settings(args, fam)
     device = distributed.init_distributed(args.device)
+    named = PRESETS[args.preset]["methods"]
+    if named and ("lora-st" if args.single_task else args.method) not in named and distributed.is_main():
+        print(f"note: preset {args.preset} has settings of its own for {sorted(named)}, not for {args.method}; "
+              "it runs with the preset's common settings and the defaults", flush=True)
     if s["batch_size"] % distributed.world_size():
         raise ValueError(f"--batch-size {s['batch_size']} (the global batch) does not split evenly over "
                          f"{distributed.world_size()} processes; pass a multiple of the process count")

@@ -437,31 +437,6 @@ def test_more_official_rank_map_is_saved_and_loaded(tmp_path):
 
 
 # ----------------------------------------------------------------------------- MoRE: the STE
-def test_more_gate_trains_through_the_ste_alone():
-    """contrastive=False: the gate and e_t are reached only by Eq. 4's p - sg(p); without it
-    they receive no gradient and p_t never moves."""
-    torch.manual_seed(0)
-    slot = make_slot(8, 8, bias=False)
-    slot.adapter = REGISTRY["more"](slot, 2, R, ALPHA, contrastive=False)
-    slot.train()
-    a = slot.adapter
-    teachers = [make_slot(8, 8, bias=False, seed=10 + t) for t in range(2)]
-    p0, e0 = a.probs().detach().clone(), a.task_embedding.detach().clone()
-    opt = torch.optim.Adam(a.parameters(), lr=1e-2)
-    for step in range(20):
-        tids = torch.arange(16) % 2
-        x = torch.randn(16, 6, 8)
-        target = torch.stack([teachers[int(t)](x[i]) for i, t in enumerate(tids)])
-        aux = {}
-        loss = (slot(x, ForwardContext(task_ids=tids, aux_losses=aux)) - target).pow(2).mean()
-        assert aux == {}
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert (a.probs().detach() - p0).abs().max().item() > 1e-3
-    assert (a.task_embedding.detach() - e0).abs().max().item() > 1e-3
-
-
 def test_more_ste_gradient_value_by_hand():
     """With Eq. 4 as onehot + p - sg(p), ∂ΔY/∂p_t[k] is nonzero only at k = r_t - 1, where it
     is (r_t/|T|)·s·B[:, :r_t] A[:r_t] x; the chain rule through softmax and W_g e_t + b_g then

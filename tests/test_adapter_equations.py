@@ -209,15 +209,18 @@ def test_more_ste_forward_is_exactly_the_truncated_lora_and_reaches_the_gate():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_more_gate_trains_on_a_two_task_problem():
-    """The official code freezes the task -> rank map at the first forward; ours must move p_t."""
+@pytest.mark.parametrize("contrastive", [True, False])
+def test_more_gate_trains_on_a_two_task_problem(contrastive):
+    """The official code freezes the task -> rank map at the first forward; ours must move p_t.
+    With contrastive=False the gate and e_t are reached only by Eq. 4's p - sg(p) (without it
+    they would receive no gradient and p_t would never move)."""
     torch.manual_seed(0)
     slot = make_slot(8, 8, bias=False)
-    slot.adapter = REGISTRY["more"](slot, 2, R, ALPHA)
+    slot.adapter = REGISTRY["more"](slot, 2, R, ALPHA, contrastive=contrastive)
     slot.train()
     a = slot.adapter
     teachers = [make_slot(8, 8, bias=False, seed=10 + t) for t in range(2)]
-    p0 = a.probs().detach().clone()
+    p0, e0 = a.probs().detach().clone(), a.task_embedding.detach().clone()
     opt = torch.optim.Adam(a.parameters(), lr=1e-2)
     for step in range(20):
         tids = torch.arange(16) % 2
@@ -225,11 +228,13 @@ def test_more_gate_trains_on_a_two_task_problem():
         target = torch.stack([teachers[int(t)](x[i]) for i, t in enumerate(tids)])
         aux = {}
         loss = (slot(x, ForwardContext(task_ids=tids, aux_losses=aux)) - target).pow(2).mean()
-        loss = loss + 0.1 * sum(aux["more_contrastive"])
+        assert ("more_contrastive" in aux) == contrastive
+        loss = loss + 0.1 * sum(aux.get("more_contrastive", []))
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert (a.probs().detach() - p0).abs().max().item() > 1e-3
+    assert (a.task_embedding.detach() - e0).abs().max().item() > 1e-3
 
 
 def test_more_contrastive_loss_eq8():
