@@ -148,7 +148,6 @@ class Seq2SeqLM(nn.Module):
         super().__init__()
         self.backbone, self.tok, self.tasks = backbone, tok, list(tasks)
         self.task_names = [t.name for t in tasks]
-        self.family = family(backbone)
         # the longest target of each task, in tokens with EOS: how far generation has to go
         self.max_new_tokens = [max(len(tok.encode(t5_target(t.name, y, t))) for y in self._targets(t)) for t in tasks]
 

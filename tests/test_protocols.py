@@ -307,3 +307,15 @@ def test_every_tensor_counted_as_trainable_gets_a_gradient(t5_real_vocab, option
     assert any(n.startswith("decoder.") for n, _ in trainable) == (objective == "gen")
     gates = [p for n, p in model.named_parameters() if ".gate." in n]
     assert all(p.requires_grad != ("official=true" in options) for p in gates)
+
+
+def test_no_script_imports_another_script():
+    """train.py, eval.py, bench.py and the library import the library, never a script: the run's
+    assembly lives in mtlref/run.py."""
+    import ast
+    scripts = {"train", "eval", "bench", "export"}
+    for path in [ROOT / "train.py", ROOT / "eval.py", ROOT / "bench.py", *sorted((ROOT / "mtlref").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not scripts & {n.split(".")[0] for n in names}, f"{path.name} imports a script: {names}"
