@@ -60,6 +60,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.family = family(backbone)
+        self.tasks = list(tasks)
         self.task_names = [t.name for t in tasks]
         self.num_outputs = [t.num_labels for t in tasks]
         self.regression = [t.kind == "regression" for t in tasks]

@@ -494,6 +494,27 @@ def evaluate_run(args) -> dict:
     return results
 
 
+def load_run(checkpoint, model_dir=None, device="cpu", specs=None):
+    """A train.py --out directory -> (its adapter_config.json, task specs, the base model with
+    the run's adapters, the objective's model with its heads, tokenizer). specs: the run's tasks
+    when the caller has read them (else from the registry, or the run's jsonl file)."""
+    cfg_file = Path(checkpoint) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {CONFIG_FILE}; pass a train.py --out directory")
+    cfg = json.loads(cfg_file.read_text())
+    objective = cfg.get("objective", "lm" if cfg.get("bench") == "commonsense" else "head")
+    if specs is None:
+        specs = ([s for s, _ in load_jsonl_tasks(cfg["jsonl"]).values()] if cfg.get("bench") == "jsonl"
+                 else [get_spec(n) for n in cfg["task_names"]])
+    model_dir = Path(model_dir or cfg["model_dir"])
+    backbone = load_model(model_dir, device=device)
+    tok = load_tokenizer(model_dir)
+    model = build_model(backbone, tok, specs, objective, cfg.get("pooling", "mean")).to(device)
+    load_adapters(backbone, checkpoint, extra_modules={"heads": model.heads} if objective == "head" else None)
+    model.eval()
+    return cfg, specs, backbone, model, tok
+
+
 def evaluate_tasks(args, cfg: dict, model_dir: Path, objective: str) -> dict:
     specs, splits = load_data(cfg["bench"], ",".join(cfg["task_names"]), args.data_dir or cfg["data_dir"],
                               cfg["split"], cfg["seed"], cfg.get("jsonl"), cfg.get("jsonl_dev"),
@@ -501,11 +522,7 @@ def evaluate_tasks(args, cfg: dict, model_dir: Path, objective: str) -> dict:
     if [s.name for s in specs] != cfg["task_names"]:
         raise ValueError(f"{args.checkpoint}: the run's tasks {cfg['task_names']} are not what the data gives "
                          f"({[s.name for s in specs]})")
-    backbone = load_model(model_dir, device=args.device)
-    tok = load_tokenizer(model_dir)
-    model = build_model(backbone, tok, specs, objective, cfg["pooling"]).to(args.device)
-    load_adapters(backbone, args.checkpoint, extra_modules={"heads": model.heads} if objective == "head" else None)
-    model.eval()
+    _, _, backbone, model, tok = load_run(args.checkpoint, model_dir, args.device, specs)
     split = args.split or ("test" if cfg["split"] == "paper" else "validation")
     encoder = make_encoder(tok, backbone, specs, cfg["max_length"], objective)
     results = make_evaluator(model, encoder, specs, splits, split, args.batch_size, args.device, args.precision)()

@@ -40,6 +40,17 @@ REGISTRY: dict[str, type[nn.Module]] = {
 }
 CONFIG_KEYS = ("method", "targets", "num_tasks", "rank", "alpha", "dropout", "options")
 WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+# adapter_config.json format 2 records the value of EVERY method option, defaults included, so a
+# later change of a default never loads old adapters differently. Format 1 (no "format" key)
+# recorded only the options given; its missing values are the defaults mtlref had then:
+FORMAT = 2
+FORMAT_1_DEFAULTS = {
+    "lora": {"per_task": False}, "dora": {}, "multilora": {"num_loras": 3},
+    "moelora": {"num_experts": 8, "task_dim": 64}, "mixlora": {"num_experts": 8, "top_k": 2},
+    "mtl-lora": {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True},
+    "more": {"task_dim": None, "contrastive": True, "tau": 0.05, "linear_scaling": True, "detach_h": True,
+             "selection": "ste", "task_embedding": True, "official": False},
+}
 
 
 # ----------------------------------------------------------------------------- attach
@@ -77,12 +88,15 @@ def check_no_overlap(chosen: dict[str, nn.Module], targets: list[str]) -> None:
 
 def attach_adapters(model: nn.Module, method: str, targets, num_tasks: int = 1, rank: int = 8,
                     alpha: float = 16, dropout: float = 0.0, within: str | None = None, meta_ok: bool = False,
+                    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
                     **options) -> nn.Module:
     """Freeze every base parameter and attach `method` to every slot whose path ends with a
     target. MixLoRA puts its experts on the targeted FFN projections and a plain LoRA on the
     other targets. within: only slots under this module path (T5 with encoder heads: "encoder",
     where the gradient reaches). meta_ok: a base on the meta device (no weights) is accepted,
-    for counting parameters only (mtlref/params.py); otherwise it is an error."""
+    for counting parameters only (mtlref/params.py); otherwise it is an error.
+    rank_pattern / alpha_pattern: {slot path: rank / alpha} for slots that differ from `rank` /
+    `alpha` (peft's names; adapters imported from peft, mtlref/export.py)."""
     if method not in REGISTRY:
         raise ValueError(f"unknown adapter method {method!r}; mtlref knows {sorted(REGISTRY)}")
     cls = REGISTRY[method]
@@ -112,13 +126,22 @@ def attach_adapters(model: nn.Module, method: str, targets, num_tasks: int = 1, 
     if getattr(cls, "slot", "linear") == "ffn":
         new, chosen = ffn_adapters(model, cls, chosen, num_tasks, rank, alpha, dropout, options)
         slot_cls, slot_options = LoRA, {}                  # MixLoRA: plain LoRA on the other targets
-    new += [(s, slot_cls(s, num_tasks, rank, alpha, dropout, **slot_options)) for s in chosen.values()]
+    patterns = {**(rank_pattern or {}), **(alpha_pattern or {})}
+    stray = sorted(set(patterns) - set(chosen))
+    if stray:
+        raise ValueError(f"rank_pattern/alpha_pattern name slots that are not adapted: {stray[:3]}; "
+                         f"the adapted slots are {sorted(chosen)[:3]} ...")
+    new += [(s, slot_cls(s, num_tasks, (rank_pattern or {}).get(n, rank), (alpha_pattern or {}).get(n, alpha),
+                         dropout, **slot_options)) for n, s in chosen.items()]
     for p in model.parameters():
         p.requires_grad_(False)
     for module, adapter in new:
         module.adapter = adapter.train(module.training)
-    model.adapter_config = {"method": method, "targets": targets, "num_tasks": num_tasks, "rank": rank,
-                            "alpha": alpha, "dropout": dropout, "options": dict(options), "within": within}
+    model.adapter_config = {"format": FORMAT, "method": method, "targets": targets, "num_tasks": num_tasks,
+                            "rank": rank, "alpha": alpha, "dropout": dropout,
+                            "options": {**cls.options, **options},      # every option's value, defaults too
+                            "within": within, "rank_pattern": dict(rank_pattern or {}),
+                            "alpha_pattern": dict(alpha_pattern or {})}
     return model
 
 
@@ -251,6 +274,21 @@ def save_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | 
     write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
+def recorded_options(cfg: dict, where) -> dict:
+    """Every option value of a saved config: format 2 records them all; format 1 gets the
+    values it did not record from FORMAT_1_DEFAULTS."""
+    method, given = cfg["method"], dict(cfg["options"])
+    if method not in REGISTRY:
+        raise ValueError(f"{where}: unknown adapter method {method!r}; mtlref knows {sorted(REGISTRY)}")
+    if cfg.get("format", 1) == 1:
+        return {**FORMAT_1_DEFAULTS[method], **given}
+    lacking = sorted(set(REGISTRY[method].options) - set(given))
+    if lacking:
+        raise ValueError(f"{where}: options {lacking} of {method} are missing, but format {cfg['format']} records "
+                         "every option: the file was edited or damaged; write their values into \"options\"")
+    return given
+
+
 def load_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | None = None) -> dict:
     """Attach (if needed) and load adapters saved by save_adapters; returns the saved config."""
     path = Path(path)
@@ -263,6 +301,7 @@ def load_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | 
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_file}: missing keys {missing}")
+    cfg["options"] = recorded_options(cfg, cfg_file)
     theirs, ours = cfg.get("base_identity"), getattr(model, "base_identity", None)
     if theirs and ours and theirs.get("config_sha256") != ours.get("config_sha256"):
         raise ValueError(f"{cfg_file}: these adapters were trained on {theirs.get('name')!r} "
@@ -271,7 +310,8 @@ def load_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | 
     have = getattr(model, "adapter_config", None)
     if have is None:
         attach_adapters(model, cfg["method"], cfg["targets"], cfg["num_tasks"], cfg["rank"], cfg["alpha"],
-                        cfg["dropout"], within=cfg.get("within"), **cfg["options"])
+                        cfg["dropout"], within=cfg.get("within"), rank_pattern=cfg.get("rank_pattern"),
+                        alpha_pattern=cfg.get("alpha_pattern"), **cfg["options"])
     else:
         keys = ("method", "targets", "num_tasks", "rank", "alpha", "options")
         diff = [k for k in keys if json.loads(json.dumps(have[k])) != cfg[k]]

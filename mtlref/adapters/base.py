@@ -5,6 +5,8 @@ A projection adapter is attached to one `layers.AdaptedLinear` slot and returns 
     __init__(base, num_tasks, rank, alpha, dropout=0.0, **options)   shapes read from `base`
     forward(x [..., in], y [..., out], ctx, base) -> ΔY [..., out]   in y.dtype
     delta_weight(task_id, base) -> ΔW_t [out, in] (fp32)             where `mergeable`
+    as_lora(task_id, base) -> (A [k, in], B [out, k]), ΔW_t = B A     task t as one plain LoRA
+                                                                       (scalings folded into B)
 The slot is passed in, never stored (storing it would register the base weights twice).
 Adapter tensors are fp32 on the base weight's device, whatever the base dtype.
 """
@@ -51,7 +53,7 @@ class Adapter(nn.Module):
     create their tensors in float32 on `base.weight.device`."""
 
     method: str = ""                      # registry name
-    options: tuple[str, ...] = ()         # the keyword options the constructor accepts
+    options: dict = {}                    # keyword option -> its default (the constructor's)
     zero_init: tuple[str, ...] = ()       # parameter names that start at 0 so ΔY = 0 at init
     exact_zero_init: bool = True          # ΔY is exactly 0 at init (DoRA: only to rounding)
     mergeable: bool = True                # delta_weight exists
@@ -81,6 +83,10 @@ class Adapter(nn.Module):
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         raise TypeError(f"{self.method} adapters cannot be merged into the base weights")
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task t's adapter as one plain LoRA, ΔW_t = B A exactly (mtlref/export.py)."""
+        raise TypeError(f"{self.method} adapters cannot be written as one LoRA per task")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

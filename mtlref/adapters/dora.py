@@ -57,6 +57,11 @@ class DoRA(Adapter):
         bax = up_project(F.linear(xd, self.lora_A), B)                         # (m/‖V‖)·s·B A xd
         return torch.addcmul(bax, wx, ratio - 1).to(y.dtype)                  # + (m/‖V‖ - 1) ⊙ W xd
 
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and s·B: with the magnitude m, W' = m ⊙ (W + (sB) A) / ‖W + (sB) A‖_c, as peft's DoRA."""
+        self.check_task(task_id)
+        return self.lora_A, self.scaling * self.lora_B
+
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         self.check_task(task_id)
         V = base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)       # (out, in)

@@ -17,7 +17,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 
 class LoRA(Adapter):
     method = "lora"
-    options = ("per_task",)
+    options = {"per_task": False}
     zero_init = ("lora_B",)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float,
@@ -45,6 +45,11 @@ class LoRA(Adapter):
         t = self.check_task(task_id)
         A, B = (self.lora_A[t], self.lora_B[t]) if self.per_task else (self.lora_A, self.lora_B)
         return self.scaling * (B @ A)                                        # (out, in)
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.check_task(task_id)
+        A, B = (self.lora_A[t], self.lora_B[t]) if self.per_task else (self.lora_A, self.lora_B)
+        return A, self.scaling * B                                           # s folded into B
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", per_task=True" if self.per_task else "")

@@ -56,7 +56,7 @@ class ExpertLoRA(nn.Module):
 
 class MixLoRA(nn.Module):
     method = "mixlora"
-    options = ("num_experts", "top_k")
+    options = {"num_experts": 8, "top_k": 2}
     zero_init = ("lora_B",)
     exact_zero_init = True
     mergeable = False

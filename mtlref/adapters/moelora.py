@@ -23,7 +23,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 
 class MoELoRA(Adapter):
     method = "moelora"
-    options = ("num_experts", "task_dim")
+    options = {"num_experts": 8, "task_dim": 64}
     zero_init = ("lora_B",)
     task_specific = True
 
@@ -55,6 +55,10 @@ class MoELoRA(Adapter):
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         t = self.check_task(task_id)
         return self.scaling * (self.lora_B * self.rank_weights()[t]) @ self.lora_A   # (out, in)
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.check_task(task_id)
+        return self.lora_A, self.lora_B * (self.scaling * self.rank_weights()[t])   # s·g_t folded into B
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_experts={self.num_experts}, task_dim={self.task_dim}"

@@ -89,8 +89,8 @@ SELECTIONS = ("ste", "soft", "subset")
 
 class MoRE(Adapter):
     method = "more"
-    options = ("task_dim", "contrastive", "tau", "linear_scaling", "detach_h", "selection", "task_embedding",
-               "official")
+    options = {"task_dim": None, "contrastive": None, "tau": 0.05, "linear_scaling": True, "detach_h": True,
+               "selection": "ste", "task_embedding": True, "official": False}
     zero_init = ("lora_B",)
     task_specific = True
 
@@ -231,6 +231,17 @@ class MoRE(Adapter):
         t = self.check_task(task_id)
         cols = self.rank_columns()[t]                                        # (r,)
         return (self.lora_B * cols) @ self.lora_A                            # (out, in)
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task t's rank expert: the rank columns it uses (the first r_t; a subset with
+        selection="subset"), their weights folded into B: A [k, in], B [out, k]."""
+        if not self.use_embedding:
+            raise TypeError("more adapters with task_embedding=False choose the rank per sample: no LoRA per task")
+        cols = self.rank_columns()[self.check_task(task_id)]               # (r,)
+        keep = cols != 0
+        if not bool(keep.any()):                                             # an empty subset: ΔW = 0
+            keep = torch.arange(self.rank, device=cols.device) == 0
+        return self.lora_A[keep], (self.lora_B * cols)[:, keep]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", task_dim={self.task_dim}, tau={self.tau:g}, "

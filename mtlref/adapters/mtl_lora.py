@@ -36,7 +36,7 @@ WEIGHTS_INITS = ("normal", "uniform", "kaiming")
 
 class MTLLoRA(Adapter):
     method = "mtl-lora"
-    options = ("num_up", "tau", "full_lambda", "weights_init", "task_lambda")
+    options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
     zero_init = ("lora_B",)
     task_specific = True
 
@@ -94,6 +94,14 @@ class MTLLoRA(Adapter):
             return self.scaling * self.mixed_up()[t] @ self.lora_A          # Λ_t = I  (out, in)
         lam = self.task_lambda[t] if self.full_lambda else torch.diag(self.task_lambda[t])
         return self.scaling * self.mixed_up()[t] @ lam @ self.lora_A         # (out, in)
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_t = Λ_t A and B_t = s B̄_t (rank r)."""
+        t = self.check_task(task_id)
+        A = self.lora_A
+        if self.has_lambda:
+            A = (self.task_lambda[t] if self.full_lambda else torch.diag(self.task_lambda[t])) @ A
+        return A, self.scaling * self.mixed_up()[t]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", num_up={self.num_up}, tau={self.tau:g}, full_lambda={self.full_lambda}"

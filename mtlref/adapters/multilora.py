@@ -30,7 +30,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 
 class MultiLoRA(Adapter):
     method = "multilora"
-    options = ("num_loras",)
+    options = {"num_loras": 3}
     zero_init = ("lora_scale",)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float,
@@ -60,6 +60,10 @@ class MultiLoRA(Adapter):
         self.check_task(task_id)
         A, B = self.stacked()
         return B @ A                                                         # s Σ_i diag(scale_i) B_i A_i  (out, in)
+
+    def as_lora(self, task_id: int, base: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_task(task_id)
+        return self.stacked()                                                # rank n·r, s·scale_i in B
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_loras={self.num_loras}"
