@@ -70,7 +70,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
     heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
     groups = [{"params": adapters, "lr": cfg.lr}]
     if heads:
-        groups.append({"params": heads, "lr": cfg.head_lr or cfg.lr})
+        groups.append({"params": heads, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 

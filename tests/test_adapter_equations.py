@@ -1,6 +1,7 @@
 """Each method's equation, checked against an independent computation written here from the
-adapter's parameters (randomised, not only at init), plus the MoRE STE / gate-training and
-MTL-LoRA symmetry properties."""
+adapter's parameters (randomised, not only at init), at the defaults and at other values of the
+hyperparameters (α/r, MTL-LoRA's τ, MoRE's τ, MixLoRA's top-k), plus the MoRE STE / gate-training
+and MTL-LoRA symmetry properties."""
 import pytest
 import torch
 import torch.nn as nn
@@ -33,8 +34,8 @@ def randomise(module: nn.Module, seed=1) -> nn.Module:
     return module
 
 
-def attach(method: str, slot: AdaptedLinear, randomised=True, **options) -> AdaptedLinear:
-    slot.adapter = REGISTRY[method](slot, T, R, ALPHA, **options)
+def attach(method: str, slot: AdaptedLinear, randomised=True, rank=R, alpha=ALPHA, **options) -> AdaptedLinear:
+    slot.adapter = REGISTRY[method](slot, T, rank, alpha, **options)
     if randomised:
         randomise(slot.adapter)
     return slot.eval()
@@ -62,10 +63,17 @@ def check(slot, weight_of_task, atol=1e-5):
 
 
 # ----------------------------------------------------------------------------- LoRA family
-def test_lora_eq3():
-    slot = attach("lora", make_slot())
+# (rank, alpha): the tests' default s = 8/4 = 2 (also what α = 2r always gives), and two others
+SCALINGS = [(R, ALPHA), (2, 5.0), (8, 4.0)]
+
+
+@pytest.mark.parametrize("rank,alpha", SCALINGS)
+def test_lora_eq3(rank, alpha):
+    """h = W x + (α/r) B A x."""
+    slot = attach("lora", make_slot(), rank=rank, alpha=alpha)
     a = slot.adapter
-    check(slot, lambda t: slot.weight + S * a.lora_B @ a.lora_A)
+    assert a.lora_A.shape == (rank, 12)
+    check(slot, lambda t: slot.weight + (alpha / rank) * a.lora_B @ a.lora_A)
 
 
 def test_lora_single_task_adapters():
@@ -125,15 +133,20 @@ def test_moelora_task_gated_experts():
     check(slot, weight)
 
 
+@pytest.mark.parametrize("tau,rank,alpha", [(0.5, R, ALPHA), (0.1, R, ALPHA), (2.0, 2, 5.0)])
 @pytest.mark.parametrize("full", [False, True])
-def test_mtl_lora_eq4(full):
-    slot = attach("mtl-lora", make_slot(), num_up=3, tau=0.5, full_lambda=full)
+def test_mtl_lora_eq4(full, tau, rank, alpha):
+    """h_t = W x + (α/r) Σ_i softmax(w_t/τ)_i B^i Λ_t A x, at the default τ (0.5) and two others."""
+    options = {} if tau == 0.5 else {"tau": tau}                     # 0.5: the constructor's default
+    slot = attach("mtl-lora", make_slot(), rank=rank, alpha=alpha, num_up=3, full_lambda=full, **options)
     a = slot.adapter
+    with torch.no_grad():
+        a.task_weights.mul_(3.0)                                     # far from uniform, so τ shows
 
     def weight(t):
-        pi = torch.softmax(a.task_weights[t] / 0.5, dim=0)
+        pi = torch.softmax(a.task_weights[t] / tau, dim=0)
         lam = a.task_lambda[t] if full else torch.diag(a.task_lambda[t])
-        return slot.weight + S * sum(pi[i] * a.lora_B[i] for i in range(3)) @ lam @ a.lora_A
+        return slot.weight + (alpha / rank) * sum(pi[i] * a.lora_B[i] for i in range(3)) @ lam @ a.lora_A
     check(slot, weight)
 
 
@@ -170,25 +183,30 @@ def test_mtl_lora_uniform_init_never_breaks_the_symmetry(init):
 
 
 # ----------------------------------------------------------------------------- MoRE
-def more_reference_weight(slot, a, t, linear_scaling=True):
-    p = torch.softmax(a.gate.weight @ a.task_embedding[t] + a.gate.bias, dim=0)   # Eq. 2
-    k = int(p.argmax()) + 1                                                       # Eq. 3
+def more_ranks(a) -> list[int]:
+    """Eq. 2-3 from the gate's weights: r_t = argmax softmax(W_g e_t + b_g) + 1."""
+    return [int(torch.softmax(a.gate.weight @ a.task_embedding[t] + a.gate.bias, dim=0).argmax()) + 1
+            for t in range(T)]
+
+
+def more_reference_weight(slot, a, t, linear_scaling=True, s=S):
+    k = more_ranks(a)[t]                                                          # Eq. 2-3
     factor = k / T if linear_scaling else 1.0                                     # Eq. 6
-    return slot.weight + factor * S * a.lora_B[:, :k] @ a.lora_A[:k]
+    return slot.weight + factor * s * a.lora_B[:, :k] @ a.lora_A[:k]
 
 
+@pytest.mark.parametrize("alpha", [ALPHA, 3.0])
 @pytest.mark.parametrize("linear_scaling", [True, False])
-def test_more_truncated_rank_expert(linear_scaling):
-    slot = attach("more", make_slot(), linear_scaling=linear_scaling)
+def test_more_truncated_rank_expert(linear_scaling, alpha):
+    slot = attach("more", make_slot(), alpha=alpha, linear_scaling=linear_scaling)
     a = slot.adapter
     with torch.no_grad():                                              # tasks 0, 1, 2 -> ranks 4, 1, 2
         for t, k in enumerate([4, 1, 2]):
             a.task_embedding[t, t] += 4.0
             a.gate.weight[k - 1, t] += 4.0
+    assert more_ranks(a) == [4, 1, 2]
     assert a.rank_map().tolist() == [4, 1, 2]
-    check(slot, lambda t: more_reference_weight(slot, a, t, linear_scaling))
-    assert torch.equal(a.rank_map(), torch.tensor(
-        [int(torch.softmax(a.gate(a.task_embedding[t]), 0).argmax()) + 1 for t in range(T)]))
+    check(slot, lambda t: more_reference_weight(slot, a, t, linear_scaling, s=alpha / R))
 
 
 def test_more_ste_forward_is_exactly_the_truncated_lora_and_reaches_the_gate():
@@ -196,7 +214,7 @@ def test_more_ste_forward_is_exactly_the_truncated_lora_and_reaches_the_gate():
     a = slot.adapter
     x = inputs()[0]
     out = a(x, F.linear(x, slot.weight), ForwardContext(task_ids=TASKS), slot)
-    ranks = a.rank_map()
+    ranks = more_ranks(a)
     for b in range(x.shape[0]):
         k = int(ranks[TASKS[b]])
         z = F.linear(x[b], a.lora_A) * (torch.arange(R) < k).float()  # truncated: columns >= r_t dropped
@@ -237,8 +255,10 @@ def test_more_gate_trains_on_a_two_task_problem(contrastive):
     assert (a.task_embedding.detach() - e0).abs().max().item() > 1e-3
 
 
-def test_more_contrastive_loss_eq8():
-    slot = attach("more", make_slot(), tau=0.05).train()
+@pytest.mark.parametrize("tau", [0.05, 0.3])
+def test_more_contrastive_loss_eq8(tau):
+    """-(1/N) Σ_i log softmax_k(cos(h_i, e_k)/τ)[t_i], at the default τ (0.05) and another."""
+    slot = attach("more", make_slot(), **({} if tau == 0.05 else {"tau": tau})).train()
     a = slot.adapter
     x = inputs()[0]
     mask = torch.ones(4, 5)
@@ -249,7 +269,7 @@ def test_more_contrastive_loss_eq8():
     h = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)       # mean over real tokens
     sim = torch.stack([torch.stack([F.cosine_similarity(h[i], a.task_embedding[k], dim=0) for k in range(T)])
                        for i in range(4)])
-    ref = -torch.stack([torch.log_softmax(sim[i] / 0.05, 0)[TASKS[i]] for i in range(4)]).mean()
+    ref = -torch.stack([torch.log_softmax(sim[i] / tau, 0)[TASKS[i]] for i in range(4)]).mean()
     assert torch.allclose(loss, ref, atol=1e-5)
     aux = {}
     slot.eval()(x, ForwardContext(task_ids=TASKS, mask=mask, aux_losses=aux))
@@ -281,21 +301,21 @@ class TinyFFN(FeedForward):
         return self.gate_proj, self.up_proj, self.down_proj, F.gelu
 
 
-def mixlora_reference(ffn, a, x):
-    """Token by token: Σ_k w_k FFN_{e_k}(x) with FFN_e using W + s B_e A_e on each targeted part."""
+def mixlora_reference(ffn, a, x, roles, top_k, s):
+    """Token by token: Σ_k w_k FFN_{e_k}(x) over the top_k experts, FFN_e using W + s B_e A_e on
+    each targeted part (roles), s = α/r."""
     gate, up, down, act = ffn.parts()
 
     def proj(part, role, e, v):
-        W = part.weight + (a.scaling * a.experts[role].lora_B[e] @ a.experts[role].lora_A[e]
-                           if role in a.roles else 0)
+        W = part.weight + (s * a.experts[role].lora_B[e] @ a.experts[role].lora_A[e] if role in roles else 0)
         return F.linear(v, W, part.bias)
     out = []
     for v in x.reshape(-1, x.shape[-1]):
         logits = a.router.weight @ v
-        top, idx = logits.topk(a.top_k)
+        top, idx = logits.topk(top_k)
         w = torch.softmax(top, 0)
         y = 0
-        for k in range(a.top_k):
+        for k in range(top_k):
             e = int(idx[k])
             h = act(proj(gate, "gate", e, v)) * proj(up, "up", e, v) if gate is not None else act(proj(up, "up", e, v))
             y = y + w[k] * proj(down, "down", e, h)
@@ -303,11 +323,15 @@ def mixlora_reference(ffn, a, x):
     return torch.stack(out).reshape(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("top_k,rank,alpha", [(2, R, ALPHA), (1, R, ALPHA), (3, 2, 5.0), (4, 8, 4.0)])
 @pytest.mark.parametrize("gated,roles", [(True, ("gate", "up", "down")), (False, ("up", "down")),
                                          (True, ("down",))])
-def test_mixlora_equals_a_top_k_mixture_of_whole_ffns(gated, roles):
+def test_mixlora_equals_a_top_k_mixture_of_whole_ffns(gated, roles, top_k, rank, alpha):
+    """At the default top-2 of 4 experts and at top-1, top-3 and top-4 (every expert), with α/r
+    other than 2."""
     ffn = TinyFFN(gated=gated)
-    ffn.adapter = REGISTRY["mixlora"](ffn, roles, T, R, ALPHA, num_experts=4, top_k=2)
+    options = {} if top_k == 2 else {"top_k": top_k}                 # 2: the constructor's default
+    ffn.adapter = REGISTRY["mixlora"](ffn, roles, T, rank, alpha, num_experts=4, **options)
     with torch.no_grad():
         x = inputs(8)[0]
         gate, up, down, act = ffn.parts()
@@ -316,7 +340,8 @@ def test_mixlora_equals_a_top_k_mixture_of_whole_ffns(gated, roles):
     randomise(ffn.adapter)
     ffn.eval()
     for x in inputs(8):
-        assert (ffn(x, ForwardContext()) - mixlora_reference(ffn, ffn.adapter, x)).abs().max().item() <= 1e-5
+        ref = mixlora_reference(ffn, ffn.adapter, x, roles, top_k, alpha / rank)
+        assert (ffn(x, ForwardContext()) - ref).abs().max().item() <= 1e-5
 
 
 def test_mixlora_load_balance_counts_only_real_tokens():
@@ -335,7 +360,11 @@ def test_mixlora_load_balance_counts_only_real_tokens():
     f = torch.stack([(idx == e).sum() / len(real) for e in range(4)])  # slots sent to e per token (Mixtral: no 1/k)
     P = torch.softmax(logits, -1).mean(0)
     assert torch.allclose(loss, 4 * (f * P).sum(), atol=1e-6)
-    assert loss.item() >= 2.0 - 1e-6                                  # = k when perfectly balanced
+    with torch.no_grad():                                             # uniform P = 1/E: L = Σ_e f_e = k
+        ffn.adapter.router.weight.zero_()
+    aux = {}
+    ffn(x, ForwardContext(mask=mask, aux_losses=aux))
+    assert aux["mixlora_balance"][0].item() == pytest.approx(2.0)
 
 
 # ----------------------------------------------------------------------------- dtypes

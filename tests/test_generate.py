@@ -1,5 +1,6 @@
 """generate(): exact greedy decoding of a real pretrained model, cache vs recompute, batching
 with left padding, sampling filters, EOS, and the T5 (encoder-decoder) branch."""
+import json
 import math
 import re
 from pathlib import Path
@@ -193,7 +194,8 @@ def test_t5_generate_matches_a_manual_loop():
     # the same draws by hand: right-padded encoder input, decoder from decoder_start_token_id
     ids = torch.tensor([prompts[0], prompts[1] + [0, 0, 0]])
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
-    seq = torch.full((2, 1), model.config.decoder_start_token_id)
+    start = json.loads((path / "config.json").read_text())["decoder_start_token_id"]   # the checkpoint's, not ours
+    seq = torch.full((2, 1), start)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for _ in range(8):

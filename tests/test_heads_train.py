@@ -3,11 +3,14 @@
 - Decoder heads start as the LM head's rows of the label words: at step 0 the head's logits
   equal the LM head's scores of those words at the last real token.
 - For each method on a tiny fixture of each family, a few dozen steps on a learnable
-  two-task toy problem reduce the loss, and the adapters move.
+  two-task toy problem reduce the loss, and the adapters move; the heads are frozen, so the
+  adapters alone have to learn it.
 """
 
 import pytest
+import sentencepiece
 import torch
+from safetensors.torch import load_file
 
 from conftest import FIXTURES, SHARED, Spec, need
 from mtlref import attach_adapters, load_model, load_tokenizer
@@ -35,13 +38,18 @@ def test_decoder_heads_start_as_the_lm_scores_of_the_label_words():
     with torch.no_grad():
         out = mt(batch)
         lm = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    last = batch["attention_mask"].sum(1) - 1
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    first_piece = {w: sp.encode(w)[0] for w in ("No", "Yes", "Maybe")}   # each word's first sub-token
     for row, spec in enumerate(specs):
-        words = label_word_ids(tok, list(spec.answer_words))
-        expected = lm[row, last[row], words]
+        words = [first_piece[w] for w in spec.answer_words]
+        last = len(ids[row]) - 1                                       # the row's last real token
+        expected = lm[row, last, words]
         torch.testing.assert_close(out[row, : len(words)], expected, rtol=1e-5, atol=1e-5)
         assert torch.isinf(out[row, len(words):]).all()
-    assert torch.equal(mt.heads[0].weight, output_embedding(model)[label_word_ids(tok, ["No", "Yes"])])
+        assert label_word_ids(tok, list(spec.answer_words)) == words
+    embedding = load_file(str(path / "model.safetensors"))["model.embed_tokens.weight"]   # tied: the LM head
+    assert torch.equal(mt.heads[0].weight, embedding[[first_piece["No"], first_piece["Yes"]]])
+    assert torch.equal(output_embedding(model), embedding)
 
 
 def test_byte_level_bpe_label_words_take_the_leading_space():
@@ -99,6 +107,7 @@ def test_a_few_dozen_steps_reduce_the_loss(fixture, method):
     targets = resolve_targets("attention+ffn", FAMILIES[fixture])
     attach_adapters(model, method, targets, num_tasks=2, rank=4, alpha=8, **OPTIONS.get(method, {}))
     mt = MultiTaskModel(model, [Spec("low-is-0"), Spec("low-is-1")])
+    mt.heads.requires_grad_(False)     # frozen random heads: only the adapters can learn the problem
     # T5 classifies from its encoder alone (heads.py): its decoder adapters see no data here
     before = {n: p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and not n.startswith("decoder.")}
@@ -110,7 +119,7 @@ def test_a_few_dozen_steps_reduce_the_loss(fixture, method):
 
     start = probe_loss()
     fit(mt, toy_batches(seed=1), LoopConfig(max_steps=40, lr=1e-2, log_every=1000))
-    assert probe_loss() < 0.75 * start
+    assert probe_loss() < 0.7 * start                                 # measured: 0.25-0.54 of start
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert len(moved) == len(before), "every adapter tensor should have been updated"
     assert adapters_of(model)

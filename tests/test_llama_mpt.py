@@ -33,6 +33,14 @@ def loaded(request):
     return request.param, load_model(path), load_file(path / "reference.safetensors")
 
 
+def checkpoint_tensors(name: str) -> dict:
+    """Every tensor of a fixture's checkpoint, read from its safetensors files (shards too)."""
+    state = {}
+    for f in sorted(fixture(name).glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
 def masked_err(out, ref, mask):
     return (out.float() - ref)[mask.bool()].abs().max().item()
 
@@ -46,17 +54,23 @@ def test_fp32_matches_transformers(loaded):
     assert masked_err(logits, ref["logits"], ref["attention_mask"]) <= 1e-4
 
 
+# bf16 tolerance, a fraction of the largest reference logit. Measured (torch 2.13, CPU): max abs
+# error 0.0041 (llama-tiny) and 0.0047 (mpt-tiny) with max |logit| 0.64 and 0.72, i.e. 0.65 % of the
+# logit scale; we allow 1.5 x that. The error is that of bf16 activations in every matmul: a missing
+# fp32 upcast in RMSNorm raises it only to 0.84 % on these 2-layer models (tests/test_positions.py
+# checks the norms' and RoPE's upcasts one by one, where they show).
+BF16_REL = 1.5 * 0.0065
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bf16_matches_transformers(name):
-    # Measured: max abs err 0.0041 (llama-tiny) and 0.0047 (mpt-tiny) with max |logit| 0.64 and
-    # 0.72, i.e. under 1% of the logit scale; we allow 2%.
     ref = load_file(fixture(name) / "reference.safetensors")
     model = load_model(fixture(name), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.inference_mode():
         logits = model(ref["input_ids"], attention_mask=ref["attention_mask"])
     assert logits.dtype == torch.bfloat16
-    assert masked_err(logits, ref["logits"], ref["attention_mask"]) <= 0.02 * ref["logits"].abs().max().item()
+    assert masked_err(logits, ref["logits"], ref["attention_mask"]) <= BF16_REL * ref["logits"].abs().max().item()
 
 
 def test_no_buffers_and_config(loaded):
@@ -98,7 +112,7 @@ def test_left_padding_equals_unpadded(loaded):
 def test_return_hidden_and_head(loaded):
     name, model, ref = loaded
     ids = ref["input_ids"][:2]
-    head = model.lm_head.weight if name == "llama-tiny" else model.transformer.wte.weight  # MPT: tied
+    head = checkpoint_tensors(name)["lm_head.weight" if name == "llama-tiny" else "transformer.wte.weight"]  # MPT: tied
     with torch.inference_mode():
         h, logits = model(ids, return_hidden=True), model(ids)
         expected = F.linear(h, head)
@@ -112,7 +126,9 @@ def test_too_long_is_an_error(loaded):
 
 
 def test_every_projection_is_a_slot_and_exact_without_adapter(loaded):
+    """Each slot computes x Wᵀ with W (and b) the checkpoint's own tensor under the slot's key."""
     name, model, _ = loaded
+    state = checkpoint_tensors(name)
     found = {s: 0 for s in SLOTS[name]}
     torch.manual_seed(0)
     for path, module in model.named_modules():
@@ -121,7 +137,7 @@ def test_every_projection_is_a_slot_and_exact_without_adapter(loaded):
             assert isinstance(module, AdaptedLinear), path
             found[leaf] += 1
             x = torch.randn(2, 3, module.in_features)
-            assert torch.equal(module(x), F.linear(x, module.weight, module.bias)), path
+            assert torch.equal(module(x), F.linear(x, state[path + ".weight"], state.get(path + ".bias"))), path
     assert all(n == 2 for n in found.values()), found          # 2 layers, each slot once per layer
     mlps = [m for m in model.modules() if isinstance(m, FeedForward)]
     assert len(mlps) == 2

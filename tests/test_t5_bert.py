@@ -18,9 +18,12 @@ from mtlref.models import bert, t5
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "fixtures"
 T5_FIXTURES = ["t5-tiny", "t5v11-tiny"]
-# bf16 tolerance, as a fraction of the largest reference value. Measured: T5 logits 0.55-0.57%,
-# encoder states 0.65-1.0%; BERT hidden states 1.1%, pooler 0.7%.
-BF16_REL = 0.03
+# bf16 tolerance per output, a fraction of its largest reference value: 1.5 x the error measured
+# (torch 2.13, CPU): T5 logits 0.54-0.56 % (t5-tiny, t5v11-tiny), encoder states 0.65-1.0 %; BERT
+# hidden states 1.07 %, pooler 0.69 %. (A missing fp32 upcast in T5's LayerNorm moves these by under
+# 1.5 x on 2-layer models; tests/test_positions.py checks the norm's upcast where it shows.)
+BF16_REL = {"logits": 1.5 * 0.0056, "encoder_last_hidden_state": 1.5 * 0.010, "last_hidden_state": 1.5 * 0.0107,
+            "pooler_output": 1.5 * 0.0069}
 
 
 def fixture(name: str) -> Path:
@@ -62,8 +65,8 @@ def test_t5_matches_transformers_bf16(name):
     ref, enc, logits = t5_outputs(name, torch.bfloat16)
     assert logits.dtype == torch.bfloat16
     assert max_err(enc, ref["encoder_last_hidden_state"], ref["attention_mask"]) <= \
-        BF16_REL * float(ref["encoder_last_hidden_state"].abs().max())
-    assert max_err(logits, ref["logits"]) <= BF16_REL * float(ref["logits"].abs().max())
+        BF16_REL["encoder_last_hidden_state"] * float(ref["encoder_last_hidden_state"].abs().max())
+    assert max_err(logits, ref["logits"]) <= BF16_REL["logits"] * float(ref["logits"].abs().max())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, None), (torch.bfloat16, BF16_REL)])
@@ -74,7 +77,7 @@ def test_bert_matches_transformers(dtype, tol):
         hidden = model(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
         pooled = model.pool(hidden)
     for ours, key, mask in [(hidden, "last_hidden_state", ref["attention_mask"]), (pooled, "pooler_output", None)]:
-        bound = 1e-4 if tol is None else tol * float(ref[key].abs().max())
+        bound = 1e-4 if tol is None else tol[key] * float(ref[key].abs().max())
         assert max_err(ours, ref[key], mask) <= bound, key
 
 
@@ -107,13 +110,14 @@ BERT_SLOTS = {"query", "key", "value", "dense"}
                                                    ("bert-tiny", BERT_SLOTS, 2 * 6 + 1)])
 def test_every_projection_is_a_slot_and_exact_without_adapter(name, slots, n_expected):
     model = load_model(fixture(name))
+    state = load_file(str(fixture(name) / "model.safetensors"))          # the checkpoint's own tensors
     found = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in slots}
     assert len(found) == n_expected
     torch.manual_seed(0)
     for n, m in found.items():
         assert isinstance(m, AdaptedLinear) and m.adapter is None, n
         x = torch.randn(2, 3, m.in_features)
-        assert torch.equal(m(x), F.linear(x, m.weight, m.bias)), n
+        assert torch.equal(m(x), F.linear(x, state[n + ".weight"], state.get(n + ".bias"))), n
     ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
     assert len(ffns) == (4 if name.startswith("t5") else 2)
     x = torch.randn(2, 3, ffns[0].parts()[1].in_features)
@@ -250,7 +254,9 @@ def test_t5_api():
     ref = reference("t5-tiny")
     with torch.no_grad():
         hidden = model(ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"], return_hidden=True)
-    scaled = F.linear(hidden * model.config.d_model ** -0.5, model.shared.weight)   # v1.0 tied head
+    d_model = json.loads((fixture("t5-tiny") / "config.json").read_text())["d_model"]
+    shared = load_file(str(fixture("t5-tiny") / "model.safetensors"))["shared.weight"]
+    scaled = F.linear(hidden * d_model ** -0.5, shared)                 # v1.0 tied head
     assert max_err(scaled, ref["logits"]) <= 1e-4
     with pytest.raises(ValueError, match="decoder_input_ids"):
         model(ref["input_ids"])

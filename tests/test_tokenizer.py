@@ -33,6 +33,12 @@ def glue_sentences() -> list[str]:
     return [line.split("\t")[0] for line in sst[1:501]] + [s for r in rows for s in r[3:5]]
 
 
+def vocab_file() -> dict[str, int]:
+    """The WordPiece vocabulary as the file gives it: token -> its line number."""
+    lines = need(FIXTURES / "wordpiece-uncased" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    return {tok: i for i, tok in enumerate(lines)}
+
+
 def reference(name: str) -> list[dict]:
     return json.loads(need(FIXTURES / name / "reference_encodings.json").read_text(encoding="utf-8"))
 
@@ -66,12 +72,12 @@ def test_wordpiece_ascii_fast_path_equals_unicode_path(wordpiece):
 
 
 def test_wordpiece_specials_unk_and_decode(wordpiece):
-    v = wordpiece.vocab
-    assert (wordpiece.pad_id, wordpiece.bos_id, wordpiece.eos_id) == (v["[PAD]"], None, None)
-    assert wordpiece.vocab_size == 30522
+    v = vocab_file()
+    assert (wordpiece.pad_id, wordpiece.bos_id, wordpiece.eos_id) == (v["[PAD]"], None, None) == (0, None, None)
+    assert wordpiece.vocab_size == len(v) == 30522
     ids = wordpiece.encode("the [MASK] sat.")
     assert ids == [v["[CLS]"], v["the"], v["[MASK]"], v["sat"], v["."], v["[SEP]"]]
-    assert wordpiece.encode("a" * 101)[1:-1] == [wordpiece.unk_id]
+    assert wordpiece.encode("a" * 101)[1:-1] == [v["[UNK]"]] == [100]
     assert wordpiece.decode(wordpiece.encode("Don't stop, the HOUSE is unaffable!")) == \
         "[CLS] don't stop, the house is unaffable! [SEP]"
     assert wordpiece.decode(wordpiece.encode("Hello there."), skip_special_tokens=True) == "hello there."
@@ -84,9 +90,9 @@ def test_pair_truncation_longest_first(wordpiece):
     assert truncate_pair(list(range(2)), list(range(9)), 5) == ([0, 1], [0, 1, 2])
     assert truncate_pair(list(range(9)), None, 4) == ([0, 1, 2, 3], None)
     a, b = "one two three four five six seven", "alpha beta gamma"
-    ids_a, ids_b = wordpiece.content_ids(a), wordpiece.content_ids(b)
-    assert (len(ids_a), len(ids_b)) == (7, 3)
-    v = wordpiece.vocab
+    v = vocab_file()
+    ids_a, ids_b = [v[w] for w in a.split()], [v[w] for w in b.split()]      # every word is one vocab entry
+    assert wordpiece.content_ids(a) == ids_a and wordpiece.content_ids(b) == ids_b
     out = wordpiece.encode_pair(a, b, max_length=8)  # 5 content slots: a 7 -> 3, then the tie costs b one
     assert out["input_ids"] == [v["[CLS]"], *ids_a[:3], v["[SEP]"], *ids_b[:2], v["[SEP]"]]
     assert out["token_type_ids"] == [0] * 5 + [1] * 3
@@ -125,7 +131,9 @@ def test_bpe_matches_every_reference_case_and_round_trips(bpe):
 
 
 def test_bpe_specials_and_pairs(bpe):
-    eot = bpe.added["<|endoftext|>"]
+    spec = json.loads(need(FIXTURES / "bpe-tiny" / "tokenizer.json").read_text(encoding="utf-8"))
+    eot = next(t["id"] for t in spec["added_tokens"] if t["content"] == "<|endoftext|>")
+    assert bpe.added["<|endoftext|>"] == eot
     assert (bpe.bos_id, bpe.eos_id, bpe.pad_id) == (eot, eot, None)
     ids = bpe.encode("a<|endoftext|>b")
     assert ids == bpe.encode("a") + [eot] + bpe.encode("b")
