@@ -40,7 +40,10 @@ from mtlref.presets import PRESETS, resolve_targets
 from mtlref.tokenizer import TokenizerError, load_tokenizer
 from mtlref.train import DivergenceError, LoopConfig, fit, predict, seed_everything
 
-BENCHES = {"glue": list(GLUE_TASKS), "superglue": list(SUPERGLUE_TASKS),
+# A bench's default tasks are those with a training set (SuperGLUE BoolQ and 3 commonsense sets
+# ship their evaluation files only); --tasks may still name them, and training then says why not.
+BENCHES = {"glue": list(GLUE_TASKS),
+           "superglue": [n for n in SUPERGLUE_TASKS if "train" in get_spec(n).files],
            "commonsense": [n for n in COMMONSENSE_TASKS if "train" in get_spec(n).files]}
 OBJECTIVES = ("auto", "head", "gen")
 # What a bad input raises; train.py and eval.py print it as one line and exit with code 2.

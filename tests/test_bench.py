@@ -14,6 +14,7 @@ import torch
 from mtlref import bench
 from mtlref.adapters import REGISTRY
 from mtlref.checkpoint import load_model
+from conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT_TINY = ROOT.parent / "shared" / "weights" / "fixtures" / "bert-tiny"
@@ -21,8 +22,7 @@ STATS = {"median", "q1", "q3", "min", "max", "n"}
 
 
 def need_fixture() -> Path:
-    if not (BERT_TINY / "config.json").is_file():
-        pytest.skip(f"{BERT_TINY} is not present (../shared beside the repo holds the fixtures)")
+    need(BERT_TINY / "config.json")
     return BERT_TINY
 
 

@@ -10,15 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtlref.checkpoint import CheckpointError, load_model
+from conftest import need
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 
 
 def copy(name: str, tmp_path: Path) -> Path:
     """A writable copy of shared/weights/<name> (the shared files are read-only)."""
-    src = WEIGHTS / name
-    if not src.is_dir():
-        pytest.skip(f"{src} is not present (../shared beside the repo holds the fixtures)")
+    src = need(WEIGHTS / name)
     dst = tmp_path / src.name
     shutil.copytree(src, dst)
     dst.chmod(0o755)
@@ -124,9 +123,7 @@ def test_no_weights(tmp_path):
 
 
 def test_loads_into_dtype_and_records_identity():
-    path = WEIGHTS / "fixtures" / "llama-tiny"
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present")
+    path = need(WEIGHTS / "fixtures" / "llama-tiny")
     model = load_model(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in model.parameters())

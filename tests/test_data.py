@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA, SHARED, need
 from mtlref.data import (TASKS, Example, extract_answer, get_spec, load_jsonl_tasks, load_task, load_tasks,
                          make_splits, render, t5_input, t5_label, t5_target)
 from mtlref.data.templates import PROMPTS
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATA = SHARED / "data"
 
 # Row counts from ../shared/README.md.
 ROWS = {
@@ -30,9 +28,7 @@ ROWS = {
 
 @pytest.fixture(scope="module")
 def data():
-    if not DATA.is_dir():
-        pytest.skip(f"{DATA} is not present (../shared beside the repo holds the data)")
-    return DATA
+    return need(DATA)
 
 
 def raw_column(path: Path, index: int, header: bool = True) -> list[str]:
@@ -244,9 +240,7 @@ def test_paper_protocol_on_real_glue(data):
 
 # ----------------------------------------------------------------------------- templates
 def test_prompts_are_table9_verbatim():
-    paper = SHARED / "papers" / "mtl-lora.txt"
-    if not paper.is_file():
-        pytest.skip(f"{paper} is not present")
+    paper = need(SHARED / "papers" / "mtl-lora.txt")
     table = paper.read_text(encoding="utf-8").split("Table 9: Prompt templates for the GLUE benchmark.")[-1]
     table = table.split("Table 10")[0]
     printed = dict(re.findall(r"^(CoLA|SST2|MRPC|STSB|QQP|MNLI|QNLI|RTE):\n(.+)$", table, flags=re.M))

@@ -11,16 +11,13 @@ import torch
 from mtlref.checkpoint import load_model
 from mtlref.generate import filter_logits, generate, next_token
 from mtlref.layers import AdaptedLinear
+from conftest import need
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BABY = SHARED / "weights" / "babyllama-1m"
 FIXTURES = SHARED / "weights" / "fixtures"
 
 
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is not present (../shared beside the repo holds the weights)")
-    return path
 
 
 class Tok:
@@ -54,7 +51,7 @@ def test_babyllama_greedy_matches_transformers(baby):
 
 def test_public_tokenizer_path(baby):
     # the same generation through mtlref's own tokenizer (pad_id None for LLaMA: generate pads with 0)
-    load_tokenizer = pytest.importorskip("mtlref.tokenizer").load_tokenizer
+    from mtlref.tokenizer import load_tokenizer
     model, sp_tok = baby
     tok = load_tokenizer(BABY)
     prompt = [tok.bos_id] + tok.encode("Once upon a time")
@@ -176,7 +173,6 @@ def test_top_k_and_sampling_stay_inside_the_kept_set():
 # ----------------------------------------------------------------------------- T5
 def test_t5_generate_matches_a_manual_loop():
     path = need(FIXTURES / "t5v11-tiny")
-    pytest.importorskip("mtlref.models.t5")
     model = load_model(path)
     tok = type("T", (), {"eos_id": None, "pad_id": 0})()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]

