@@ -273,6 +273,12 @@ def print_table(results: dict, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- 7. one run
+def reported_split(s: dict, bench: str) -> str:
+    """What the reported numbers score: the paper split's test sets, the commonsense test files,
+    or the dev sets (validation = test)."""
+    return "test" if s["split"] == "paper" or bench == "commonsense" else "dev"
+
+
 def run_config(args, s: dict, specs, model_dir: Path, objective: str) -> dict:
     """What adapter_config.json records beside the adapters, for eval.py and resume."""
     return {"task_names": [sp.name for sp in specs], "bench": args.bench, "pooling": args.pooling,
@@ -348,7 +354,7 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
         get_state=lambda: {"batches": batches.state_dict(), "reported": reported},
         set_state=lambda st: (batches.load_state_dict(st["batches"]), reported.update(st["reported"])))
     metrics = {"tasks": reported["tasks"], "average": reported["average"], "best_step": reported["step"],
-               "split": "test" if s["split"] == "paper" else "dev", "method": method, "model": model_dir.name,
+               "split": reported_split(s, args.bench), "method": method, "model": model_dir.name,
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "head_params": head_params, "steps": steps, "wall_s": round(time.time() - t_start, 1),
                "settings": dict(s)}
@@ -465,7 +471,7 @@ def stack_single_task(args, s, backbone, tok, specs, splits, out, model_dir, dev
     metrics = {"tasks": results["tasks"], "average": results["average"],
                "best_step": {t: m["best_step"] for t, m in per_task.items()},
                "steps": {t: m["steps"] for t, m in per_task.items()},
-               "split": "test" if s["split"] == "paper" else "dev", "method": "lora-st", "model": model_dir.name,
+               "split": reported_split(s, args.bench), "method": "lora-st", "model": model_dir.name,
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "trainable_percent_per_task": percent / len(specs), "head_params": sum(m["head_params"] for m in
                                                                                      per_task.values()),

@@ -151,6 +151,7 @@ def test_commonsense_run_on_babyllama(tmp_path):
     metrics, tensors, config, log = outputs(out)
     check_files(metrics, tensors, config, log, ["boolq", "arc_easy"], 20, "lora", "commonsense")
     assert (metrics["objective"], metrics["model"], metrics["head_params"]) == ("lm", "babyllama-1m", 0)
+    assert metrics["split"] == "test"                       # LLM-Adapters' test.json files are what is scored
     assert not any(k.startswith("heads.") for k in tensors)
     assert {k.split(".")[-3] for k in tensors} == set(config["targets"])
     assert all(set(r) == {"accuracy"} and is_fraction_of(r["accuracy"], 2) for r in metrics["tasks"].values())
