@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model directory (config.json + safetensors); default MiniLM")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--jsonl", default=None, help="with --bench jsonl: train file; --jsonl-dev for the dev file")
-    p.add_argument("--jsonl-dev", default=None)
+    p.add_argument("--jsonl-dev", default=None,
+                   help="with --bench jsonl: the dev file (default: 10%% of each task is held out as dev)")
     p.add_argument("--tasks", default=None, help="comma list (default: every task of the bench)")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="the papers' settings (mtlref/presets.py); flags override them")

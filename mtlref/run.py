@@ -30,7 +30,7 @@ from mtlref.checkpoint import CheckpointError, load_model, minilm_dir, read_conf
 from mtlref.checkpointing import checkpoint_path
 from mtlref.data.collate import Encoder, LengthGroupedBatches, eval_batches
 from mtlref.data.samplers import MultiTaskSampler
-from mtlref.data.splits import make_splits
+from mtlref.data.splits import hold_out, make_splits
 from mtlref.data.tasks import SUPERGLUE_TASKS, get_spec, load_jsonl_tasks, load_task, load_tasks
 from mtlref.evaluate import generation_accuracy
 from mtlref.heads import UNPARSED, CausalLM, MultiTaskModel, Seq2SeqLM, family
@@ -152,10 +152,18 @@ def _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev):
             if unknown:
                 raise ValueError(f"{jsonl}: no task {unknown} (the file has {sorted(train)})")
             train = {t: train[t] for t in tasks.split(",")}
-        dev = load_jsonl_tasks(jsonl_dev, specs={t: s for t, (s, _) in train.items()}) if jsonl_dev else {}
         specs = [s for s, _ in train.values()]
-        splits = {t: {"train": ex, "validation": dev.get(t, (None, ex))[1], "test": dev.get(t, (None, ex))[1]}
-                  for t, (_, ex) in train.items()}
+        if jsonl_dev:
+            dev = load_jsonl_tasks(jsonl_dev, specs={t: s for t, (s, _) in train.items()})
+            missing = [t for t in train if t not in dev]
+            if missing:
+                raise ValueError(f"{jsonl_dev}: no examples of task(s) {missing}, which {jsonl} trains; "
+                                 "give every task dev rows")
+            return specs, {t: {"train": ex, "validation": dev[t][1], "test": dev[t][1]} for t, (_, ex) in train.items()}
+        splits = {}                                   # no dev file: 10 % of each task is held out, never trained on
+        for t, (_, ex) in train.items():
+            held, rest = hold_out(ex, t, seed)
+            splits[t] = {"train": rest, "validation": held, "test": held}
         return specs, splits
     names = tasks.split(",") if tasks else BENCHES[bench]
     specs = [get_spec(n) for n in names]

@@ -127,7 +127,7 @@ def test_jsonl_run_on_users_tasks(tiny_bert, tiny_tasks, tmp_path):
     metrics, tensors, config, log = outputs(out)
     check_files(metrics, tensors, config, log, ["sentiment", "pair"], 30, "mtl-lora", "jsonl")
     assert metrics["best_step"] == 30 and [r["step"] for r in log if "eval" in r] == [30]
-    assert all(is_fraction_of(metrics["tasks"][t]["accuracy"], 24) for t in ("sentiment", "pair"))
+    assert all(is_fraction_of(metrics["tasks"][t]["accuracy"], 2) for t in ("sentiment", "pair"))   # 2 held out
     lrs = {r["step"]: r["lr"] for r in log if "loss" in r}
     assert sorted(lrs) == [25, 30] and lrs[25] == pytest.approx(lr_after(25, 1e-3, 28, 30))
     assert lrs[25] == pytest.approx(1e-3 * 26 / 28)

@@ -211,3 +211,19 @@ def test_eval_reprints_a_bert_jsonl_run_and_the_numbers_are_the_adapters(tiny_be
         pred = logits.float().argmax(-1).tolist()
         right = sum(int(p == ex.label) for p, ex in zip(pred, exs))
         assert m["tasks"][task]["accuracy"] == pytest.approx(right / len(exs)), task
+
+
+def test_users_tasks_without_a_dev_file_are_scored_on_held_out_rows(tiny_tasks):
+    """--bench jsonl without --jsonl-dev: a seeded 10 % of each task (at least one row) is the
+    dev set, and no scored row is trained on."""
+    from mtlref.run import load_data
+    specs, splits = load_data("jsonl", None, "data", "dev", 3, str(tiny_tasks))
+    for spec in specs:
+        sp = splits[spec.name]
+        assert len(sp["validation"]) == 2 and len(sp["train"]) == 22 and sp["test"] is sp["validation"]
+        assert not {e.source for e in sp["validation"]} & {e.source for e in sp["train"]}
+    again = load_data("jsonl", None, "data", "dev", 3, str(tiny_tasks))[1]
+    other = load_data("jsonl", None, "data", "dev", 4, str(tiny_tasks))[1]
+    assert [e.source for e in again["pair"]["validation"]] == [e.source for e in splits["pair"]["validation"]]
+    assert any([e.source for e in other[t]["validation"]] != [e.source for e in splits[t]["validation"]]
+               for t in splits)

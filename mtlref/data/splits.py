@@ -38,6 +38,12 @@ def _split_off(examples: list[Example], k: int, rng: np.random.Generator) -> tup
     return ([e for e, c in zip(examples, chosen) if c], [e for e, c in zip(examples, chosen) if not c])
 
 
+def hold_out(examples: list[Example], task: str, seed: int, fraction: float = 0.1) -> tuple[list, list]:
+    """(held out, rest): a seeded fraction (at least one) of a task's examples, e.g. a dev set
+    for users' tasks given without one; both parts in file order."""
+    return _split_off(examples, max(1, int(fraction * len(examples))), _rng(seed, task))
+
+
 def make_splits(task_examples: dict[str, dict[str, list[Example]]], protocol: str = "dev",
                 seed: int = 0) -> dict[str, dict[str, list[Example]]]:
     """{task: {split: examples}} as load_tasks returns it -> {task: {"train", "validation", "test"}}."""
