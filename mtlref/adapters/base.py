@@ -43,6 +43,15 @@ def per_sample_up(z: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z.reshape(b, -1, r), Bt).view(*z.shape[:-1], Bt.shape[-1])
 
 
+def gather(P: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample rows of a per-task tensor: P [T, ...], t (B,) task ids -> P[t] (B, ...).
+    index_select, not P[t]: advanced indexing's backward accumulates the rows of repeated task
+    ids with parallel atomic float adds on CPU (index_put_ with accumulate, once the tensor has
+    32,768 elements and 2+ threads), so the sum's order, and its last bits, change from run to
+    run; index_select's backward (index_add_) adds them in a fixed order."""
+    return P.index_select(0, t)
+
+
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """v [B, k] -> [B, 1, ..., 1, k] so that it broadcasts against like [B, ..., k]."""
     return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])

@@ -1,9 +1,9 @@
 """LoRA (Hu et al. 2022; MTL-LoRA Eq. 3): h = W x + (α/r) B A x.
 
 lora_A [r, in] Kaiming-uniform(a=√5), lora_B [out, r] = 0, so ΔW = 0 at init.
-per_task=True is LoRA-ST: one independent adapter per task, lora_A [T, r, in] and
-lora_B [T, out, r], picked per sample by task id, so every single-task adapter trains in
-one run on mixed batches.
+per_task=True holds one independent adapter per task, lora_A [T, r, in] and lora_B [T, out, r],
+picked per sample by task id: LoRA-ST's adapters, which --single-task trains each alone
+(mtlref/run.py) and then stacks into this form, served together on mixed-task batches.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import Adapter, lora_a_init, up_project
+from mtlref.adapters.base import Adapter, gather, lora_a_init, up_project
 from mtlref.layers import AdaptedLinear, ForwardContext
 
 
@@ -37,8 +37,8 @@ class LoRA(Adapter):
             return up_project(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(y.dtype)   # (..., out)
         t = self.task_ids(ctx, x)
         # b sample, r rank, i in, o out; A[t] (B, r, in), B[t] (B, out, r)
-        z = torch.einsum("b...i,bri->b...r", x, self.lora_A[t])
-        d = torch.einsum("b...r,bor->b...o", z, self.lora_B[t])
+        z = torch.einsum("b...i,bri->b...r", x, gather(self.lora_A, t))
+        d = torch.einsum("b...r,bor->b...o", z, gather(self.lora_B, t))
         return (self.scaling * d).to(y.dtype)
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import Adapter, per_sample, up_project
+from mtlref.adapters.base import Adapter, gather, per_sample, up_project
 from mtlref.layers import AdaptedLinear, ForwardContext
 
 
@@ -49,7 +49,7 @@ class MoELoRA(Adapter):
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext, base: AdaptedLinear) -> torch.Tensor:
         t = self.task_ids(ctx, x)
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)    # (..., r) all experts' A_e x
-        z = z * per_sample(self.scaling * self.rank_weights()[t], z)        # scale expert e's columns by s·g_{t,e}
+        z = z * per_sample(self.scaling * gather(self.rank_weights(), t), z)        # scale expert e's columns by s·g_{t,e}
         return up_project(z, self.lora_B).to(y.dtype)                       # (..., out)
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:

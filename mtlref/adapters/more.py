@@ -81,7 +81,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import Adapter, lora_a_init, per_sample
+from mtlref.adapters.base import Adapter, gather, lora_a_init, per_sample
 from mtlref.layers import AdaptedLinear, ForwardContext
 
 SELECTIONS = ("ste", "soft", "subset")
@@ -206,7 +206,7 @@ class MoRE(Adapter):
         z = F.linear(self.dropout(xf), self.lora_A)                          # A x  (..., r)
         if self.use_embedding:
             t = self.task_ids(ctx, x)
-            cols = self.rank_columns()[t]                                    # (B, r) per sample's task
+            cols = gather(self.rank_columns(), t)                            # (B, r) per sample's task
         else:                                                                # the gate reads the sample
             cols = self.column_weights(self.gate_probs(self.represent(ctx.pooled(xf))))   # (B, r)
         z = z * per_sample(cols, z)                                          # weight (or drop) each column

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import Adapter, lora_a_init, per_sample, per_sample_up
+from mtlref.adapters.base import Adapter, gather, lora_a_init, per_sample, per_sample_up
 from mtlref.layers import AdaptedLinear, ForwardContext
 
 WEIGHTS_INITS = ("normal", "uniform", "kaiming")
@@ -78,7 +78,7 @@ class MTLLoRA(Adapter):
         t = self.task_ids(ctx, x)
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)    # A x  (..., r)
         if self.has_lambda:
-            lam = self.task_lambda[t]                                       # (B, r) or (B, r, r)
+            lam = gather(self.task_lambda, t)                               # (B, r) or (B, r, r)
             if self.full_lambda:
                 # b sample, q/r rank (out/in of Λ_t)
                 z = torch.einsum("b...r,bqr->b...q", z, lam)                # Λ_t A x
@@ -86,7 +86,7 @@ class MTLLoRA(Adapter):
                 z = z * per_sample(lam, z)
         # s B̄_t^T per task, transposed to (T, r, out) once (T·r·out numbers) and gathered per sample
         up = (self.scaling * self.mixed_up()).transpose(1, 2).contiguous()
-        return per_sample_up(z, up[t]).to(y.dtype)                          # s B̄_t Λ_t A x  (..., out)
+        return per_sample_up(z, gather(up, t)).to(y.dtype)                          # s B̄_t Λ_t A x  (..., out)
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         t = self.check_task(task_id)
