@@ -12,12 +12,15 @@ mtlref/run.py's evaluate_run; this file only reads the command line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import torch
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")    # a short OpenMP spin on shared machines: see train.py
 
-from mtlref.run import cli, evaluate_run
-from mtlref.train import PRECISIONS
+import torch  # noqa: E402
+
+from mtlref.run import cli, evaluate_run  # noqa: E402
+from mtlref.train import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,15 +20,23 @@ diverged run exits with code 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import torch
+# OpenMP threads that wait for work spin before they sleep (GNU OpenMP: 300,000 turns by default).
+# On a shared 2-core machine a spinning thread takes the core another process needs and the run
+# collapses (docs/BENCHMARKS.md: 637 tokens/s beside one busy process, its fair share ~960); a
+# short spin keeps the quiet speed (1,900 vs 1,927 tokens/s) and gives the fair share (974). It
+# must be set before torch starts its OpenMP runtime, hence here, before `import torch`.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from mtlref.adapters import REGISTRY as METHODS
-from mtlref.data.samplers import SCHEMES
-from mtlref.presets import PRESETS
-from mtlref.run import OBJECTIVES, cli, train
-from mtlref.train import PRECISIONS
+import torch  # noqa: E402
+
+from mtlref.adapters import REGISTRY as METHODS  # noqa: E402
+from mtlref.data.samplers import SCHEMES  # noqa: E402
+from mtlref.presets import PRESETS  # noqa: E402
+from mtlref.run import OBJECTIVES, cli, train  # noqa: E402
+from mtlref.train import PRECISIONS  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -251,7 +252,7 @@ def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, d
     text_to_text = isinstance(model, Seq2SeqLM)
 
     def evaluate() -> dict:
-        results = {}
+        results, start = {}, time.time()
         for task, examples in sets.items():
             tid = ids[spec[task].parent]
             mine = distributed.shard_indices(len(examples))
@@ -268,6 +269,10 @@ def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, d
             results[task] = task_metrics(task, p, y, spec[task].metrics)
             if text_to_text:
                 results[task]["unparsed"] = float(np.mean(unparsed))
+            if distributed.is_main():                 # progress: a full GLUE evaluation takes minutes on CPU
+                name, value = next(iter(results[task].items()))
+                print(f"  {split} {task}: {len(examples)} examples, {name} {value:.4f} "
+                      f"({time.time() - start:.0f} s)", flush=True)
         return {"tasks": results, "average": float(np.mean([results[s.name][s.main_metric] for s in specs]))}
     return evaluate
 
@@ -281,6 +286,15 @@ def print_table(results: dict, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- 7. one run
+OPENMP_ENV = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def threads_note() -> str:
+    """The run's CPU threads, for its first line and metrics.json (docs/BENCHMARKS.md: shared machines)."""
+    env = ", ".join(f"{k}={os.environ[k]}" for k in OPENMP_ENV if k in os.environ)
+    return f"{torch.get_num_threads()} CPU threads" + (f" ({env})" if env else "")
+
+
 def reported_split(s: dict, bench: str) -> str:
     """What the reported numbers score: the paper split's test sets, the commonsense test files,
     or the dev sets (validation = test)."""
@@ -321,7 +335,7 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
         print(f"{method}{' (LoRA-ST: ' + task + ' alone)' if task else ''} on {fam} ({model_dir.name}), "
               f"{objective} objective: {len(specs)} tasks {sizes}; targets {targets}; adapter parameters "
               f"{trainable:,} ({percent:.3f}% of {total:,}); {steps} steps of {s['batch_size']} "
-              f"({s['batches']} batches, {s['sampler']} sampling)"
+              f"({s['batches']} batches, {s['sampler']} sampling); {threads_note()}"
               + (f" over {world} processes" if world > 1 else "") + (f" (FSDP, {units} units)" if units else ""),
               flush=True)
     encoder = make_encoder(tok, backbone, specs, s["max_length"], objective)
@@ -365,6 +379,7 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
                "split": reported_split(s, args.bench), "method": method, "model": model_dir.name,
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "head_params": head_params, "steps": steps, "wall_s": round(time.time() - t_start, 1),
+               "threads": torch.get_num_threads(), "openmp": {k: os.environ.get(k) for k in OPENMP_ENV},
                "settings": dict(s)}
     if main:
         write_outputs(model.backbone, out, heads, extra_config, metrics, steps)

@@ -319,3 +319,23 @@ def test_no_script_imports_another_script():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             assert not scripts & {n.split(".")[0] for n in names}, f"{path.name} imports a script: {names}"
+
+
+def test_the_clis_shorten_openmps_spin_before_torch_starts():
+    """train.py and eval.py set GOMP_SPINCOUNT (a short spin: the fair share on a shared machine,
+    docs/BENCHMARKS.md) before their first `import torch`; a user's own value wins."""
+    import ast
+    for script in ("train.py", "eval.py"):
+        body = ast.parse((ROOT / script).read_text()).body
+        lines = [ast.unparse(node) for node in body]
+        spin = next(i for i, text in enumerate(lines) if "GOMP_SPINCOUNT" in text)
+        first_torch = next(i for i, text in enumerate(lines) if text.startswith("import torch") or "from mtlref" in text)
+        assert spin < first_torch and "setdefault" in lines[spin], script
+
+
+def test_a_run_records_its_threads(tiny_bert, tiny_tasks, tmp_path):
+    m = train_cli.main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--max-steps", "1",
+                        "--batch-size", "4", "--max-length", "16", "--out", str(tmp_path / "r")])
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["threads"] == m["threads"] == torch.get_num_threads()
+    assert saved["openmp"]["GOMP_SPINCOUNT"] == __import__("os").environ["GOMP_SPINCOUNT"]
