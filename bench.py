@@ -3,6 +3,7 @@
     python bench.py --quick --out bench.json             # a smoke run: bert-tiny fixture, < 1 min on 2 cores
     python bench.py --out bench.json                     # MiniLM (real, 6 layers, hidden 384), batch 16, seq 128
     python bench.py --model weights/llama-2-7b --device cuda --batch-size 8 --seq-len 512 --out bench.json
+    python bench.py --config tests/data/llama-2-7b-hf.config.json --device cuda ...   # 7B shape, random weights
 
 Measures (mtlref/bench.py says how):
 - the training step (forward + backward + AdamW, mixed-task batch) of every method, as a ratio
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke-test size: bert-tiny, batch 4, seq 32, 3 repeats")
     p.add_argument("--model", help="checkpoint directory (default: MiniLM; --quick: the bert-tiny fixture)")
+    p.add_argument("--config", help="a config.json instead of --model: random weights of that shape, made on the "
+                                    "device (speed does not depend on the values)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="the frozen base's dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -68,8 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_config(args) -> bench.BenchConfig:
     quick = args.quick
-    model = args.model or (QUICK_MODEL if quick else minilm_dir())
-    if not Path(model, "config.json").is_file():
+    model = args.config or args.model or (QUICK_MODEL if quick else minilm_dir())
+    if args.config and not Path(args.config).is_file():
+        raise SystemExit(f"bench.py: --config {args.config}: no such file")
+    if not args.config and not Path(model, "config.json").is_file():
         raise SystemExit(f"bench.py: {model}/config.json not found; pass --model with a checkpoint directory"
                          + (" (--quick reads the bert-tiny fixture in ../shared)" if quick and not args.model else ""))
     cuda = args.device.startswith("cuda")
@@ -105,7 +110,13 @@ def build_peer(cfg: bench.BenchConfig, base) -> tuple[object, str]:
     fam = family(base)
     auto = {"bert": transformers.AutoModel, "t5": transformers.AutoModelForSeq2SeqLM}.get(
         fam, transformers.AutoModelForCausalLM)
-    hf = auto.from_pretrained(cfg.model, torch_dtype=getattr(torch, cfg.dtype)).to(cfg.device)
+    if Path(cfg.model).is_file():          # random weights: the peer gets ours (the keys are Hugging Face's)
+        with torch.device(cfg.device):     # initialised on the device (a 7B init on the CPU takes minutes)
+            hf = auto.from_config(transformers.AutoConfig.from_pretrained(cfg.model),
+                                  torch_dtype=getattr(torch, cfg.dtype))
+        hf.load_state_dict(base.state_dict(), strict=False)         # our values (speed does not depend on them)
+    else:
+        hf = auto.from_pretrained(cfg.model, torch_dtype=getattr(torch, cfg.dtype)).to(cfg.device)
     lora = bench.METHODS["lora"]
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
                                                  target_modules=resolve_targets(cfg.targets, fam)))
@@ -201,6 +212,7 @@ def main(argv=None) -> dict:
     res["training"] = bench.time_training(cfg, base, {"peer-lora": peer} if peer else None)
     res["peer"] = {"library": reason, "vs_lora": res["training"]["peer-lora"]["vs_lora"]} if peer else None
     res["peer_reason"] = reason
+    res["floor_mfu"] = bench.floor_mfu(cfg, base, res["training"]["floor"]["seconds"]["median"])
     res["inference"] = bench.time_inference(cfg, base)
     del base
     res["memory"] = None if args.skip_memory else bench.measure_memory(cfg)
@@ -217,6 +229,11 @@ def main(argv=None) -> dict:
     print(training_table(res) + "\n")
     print("Peer (transformers + peft LoRA): " + (fmt_ratio(res["peer"]["vs_lora"]) + " × ours" if peer else
                                                  f"none ({reason})") + "\n")
+    if res["floor_mfu"]:
+        f = res["floor_mfu"]
+        print(f"Floor: {f['model_flops_per_s'] / 1e12:.0f} model TFLOP/s on {f['gpu']}"
+              + (f", {100 * f['mfu']:.0f} % of its bf16 peak ({f['bf16_peak'] / 1e12:.0f} TFLOP/s)" if f["mfu"] else "")
+              + "\n")
     print(inference_table(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

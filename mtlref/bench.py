@@ -55,7 +55,8 @@ from mtlref.train import autocast
 
 @dataclass
 class BenchConfig:
-    model: str                                        # a checkpoint directory (load_model)
+    model: str                                        # a checkpoint directory (load_model), or a
+                                                      # config.json: random weights built on the device
     device: str = "cpu"
     dtype: str = "float32"                            # the frozen base's dtype; adapters are fp32
     batch_size: int = 16
@@ -266,7 +267,59 @@ def ratio(times: dict[str, list[float]], name: str, ref: str) -> dict:
 
 def load_base(cfg: BenchConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
+    if Path(cfg.model).is_file():
+        return random_base(cfg.model, getattr(torch, cfg.dtype), cfg.device)
     return load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+
+
+def random_base(config_json, dtype, device) -> nn.Module:
+    """A model of config.json's shape (e.g. the public Llama-2-7b-hf config) with random weights
+    made directly on the device in `dtype` (no download, no second copy): matrices and
+    embeddings N(0, 0.02), norms 1, biases 0. Speed does not depend on the values."""
+    from mtlref.checkpoint import family_of
+    cfg = json.loads(Path(config_json).read_text())
+    fam = family_of(cfg, Path(config_json).parent)
+    with torch.device("meta"):
+        model = fam.Model(fam.Config.from_hf(cfg)).to(dtype)
+    model = model.to_empty(device=device)                                   # allocated once, in dtype
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)                                                 # norm weights
+            else:
+                p.normal_(0.0, 0.02)
+    model.base_identity = {"model_type": cfg["model_type"], "name": Path(config_json).name, "random": True}
+    return model.eval()
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Numbers in the weight matrices a token multiplies (projections and the LM head; not the
+    embedding lookups): the N of model FLOPs = 2·N per token forward."""
+    from mtlref.layers import AdaptedLinear
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, AdaptedLinear))
+    if family(model) != "bert" and getattr(model, "lm_head", None) is None:      # a head tied to the embedding
+        c = model.config
+        n += c.vocab_size * (getattr(c, "hidden_size", None) or c.d_model)
+    return n
+
+
+# Dense bf16 peak of the GPUs a GPU check may meet (the vendors' data sheets), for the floor's MFU.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def floor_mfu(cfg: BenchConfig, base: nn.Module, floor_seconds: float) -> dict | None:
+    """The floor's model FLOPs utilisation on CUDA: a frozen forward (2N per token) plus the
+    backward through the activations only (2N per token; no weight gradients), attention's
+    T x T products left out, over the GPU's dense bf16 peak. None off CUDA or for an unknown GPU."""
+    if not cfg.device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(cfg.device)
+    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+    tokens = cfg.batch_size * cfg.seq_len
+    flops = 4 * matmul_params(base) * tokens / floor_seconds
+    return {"gpu": name, "model_flops_per_s": flops, "bf16_peak": peak, "mfu": flops / peak if peak else None}
 
 
 def head_for(model: nn.Module, cfg: BenchConfig) -> torch.Tensor:
@@ -285,6 +338,7 @@ def time_training(cfg: BenchConfig, base: nn.Module, extra: dict[str, Callable[[
     fns = {n: train_step(m, batch, head, cfg.device) for n, m in models.items()}
     fns.update(extra or {})
     times = round_robin(fns, cfg.repeats, cfg.warmup, cfg.device)
+    peaks = cuda_step_peaks(fns, cfg.device)
     tokens = cfg.batch_size * cfg.seq_len * (2 if family(base) == "t5" else 1)
     out = {}
     for n, ts in times.items():
@@ -298,8 +352,26 @@ def time_training(cfg: BenchConfig, base: nn.Module, extra: dict[str, Callable[[
             value = row["vs_floor" if ref == FLOOR else "vs_lora"]["median"]
             row["target"] = {"reference": ref, "max_ratio": limit, "ratio": value, "met": value <= limit}
         row["paper_vs_lora"] = PAPER_VS_LORA.get(n)
+        if peaks:
+            row["cuda_step_peak_mb"] = peaks[n]
         out[n] = row
     return out
+
+
+def cuda_step_peaks(fns: dict[str, Callable[[], None]], device: str) -> dict[str, float] | None:
+    """On CUDA, per step closure: the peak of torch.cuda.max_memory_allocated during one more
+    step (MB), with everything the run holds (the base once, every method's adapters and AdamW
+    state) counted in it. None off CUDA (the CPU figures come from measure_memory's subprocesses)."""
+    if not device.startswith("cuda"):
+        return None
+    peaks = {}
+    for n, f in fns.items():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        f()
+        torch.cuda.synchronize(device)
+        peaks[n] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peaks
 
 
 def forward_fn(model: nn.Module, batch: dict, device: str) -> Callable[[], None]:

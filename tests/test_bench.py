@@ -4,6 +4,7 @@ round-robin order, paired ratios)."""
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from mtlref import bench
 from mtlref.adapters import REGISTRY
 from mtlref.checkpoint import load_model
-from conftest import need
+from conftest import FIXTURES, need
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT_TINY = ROOT.parent / "shared" / "weights" / "fixtures" / "bert-tiny"
@@ -150,3 +151,26 @@ def test_round_robin_rotates_the_order_and_ratios_are_paired():
     assert r["median"] == 2.0 and r["min"] == 2.0 and r["max"] == 3.0 and r["n"] == 3
     s = bench.summary([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (s["median"], s["q1"], s["q3"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
+
+
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA: one line, exit code 3, nothing written."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: scripts/gpu_check.sh would run for minutes")
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 3 and done.stdout.strip().count("\n") == 0 and "no CUDA device" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_random_weights_of_a_config_shape():
+    """bench.random_base builds config.json's model on the device in the asked dtype: every
+    matrix N(0, 0.02), norms 1; and matmul_params counts the matrices a token multiplies."""
+    model = bench.random_base(FIXTURES / "llama-tiny" / "config.json", torch.bfloat16, "cpu")
+    cfg = json.loads((FIXTURES / "llama-tiny" / "config.json").read_text())
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
+    w = model.model.layers[0].self_attn.q_proj.weight.float()
+    assert abs(w.std().item() - 0.02) < 0.004 and model.model.norm.weight.eq(1).all()
+    C, F_, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = C // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    assert bench.matmul_params(model) == L * (2 * C * C + 2 * C * kv + 3 * C * F_) + V * C
