@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 turns autocast off on CUDA")
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 turns it off on CUDA; bf16 turns it on on CPU")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--max-eval-examples", type=int, default=None,
                    help="score only the first N examples of each validation and test set (quick runs)")

@@ -145,7 +145,7 @@ def test_precision_picks_autocast_only_where_it_is_asked_for():
         assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
     with autocast("cuda", "fp32"):                                     # off on CUDA when fp32 is asked for
         assert not torch.is_autocast_enabled("cuda")
-    with pytest.raises(ValueError, match="bf16 is for CUDA"):
-        autocast("cpu", "bf16")
+    with autocast("cpu", "bf16"):                                     # asked for: bf16 on the CPU too
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         autocast("cpu", "fp16")
