@@ -111,7 +111,7 @@ class MultiTaskModel(nn.Module):
         out = feats.new_full((feats.shape[0], max(self.num_outputs)), float("-inf"))
         for t in task_ids.unique().tolist():                        # heads are tiny; tasks ≤ a few
             rows = (task_ids == t).nonzero(as_tuple=True)[0]
-            out[rows, : self.num_outputs[t]] = self.heads[t](feats[rows])
+            out[rows, : self.num_outputs[t]] = self.heads[t](feats[rows]).to(out.dtype)   # bf16 under autocast
         return out
 
     def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -149,3 +149,19 @@ def test_precision_picks_autocast_only_where_it_is_asked_for():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         autocast("cpu", "fp16")
+
+
+@pytest.mark.parametrize("fixture", list(FAMILIES))
+def test_a_training_step_under_bf16_autocast(fixture):
+    """--precision bf16 (CPU here, the CUDA default's arithmetic): heads, a mixed-task batch with
+    a regression task, every method of a family; the loss is finite, fp32 adapters get fp32 grads."""
+    from mtlref.train import train_step
+    torch.manual_seed(0)
+    model = load_model(need(FIXTURES / fixture))
+    attach_adapters(model, "more", resolve_targets("attention", FAMILIES[fixture]), num_tasks=2, rank=4, alpha=8,
+                    within="encoder" if fixture == "t5-tiny" else None)     # T5's heads read its encoder
+    mt = MultiTaskModel(model, [Spec("a"), Spec("b", kind="regression")]).train()
+    loss, parts = train_step(mt, next(toy_batches(seed=5)), LoopConfig(max_steps=1, precision="bf16"))
+    loss.backward()
+    assert torch.isfinite(loss) and "more_contrastive" in parts
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
