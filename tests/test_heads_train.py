@@ -154,7 +154,7 @@ def test_precision_picks_autocast_only_where_it_is_asked_for():
 @pytest.mark.parametrize("fixture", list(FAMILIES))
 def test_a_training_step_under_bf16_autocast(fixture):
     """--precision bf16 (CPU here, the CUDA default's arithmetic): heads, a mixed-task batch with
-    a regression task, every method of a family; the loss is finite, fp32 adapters get fp32 grads."""
+    a regression task, MoRE on each family: the loss is finite, fp32 adapters get fp32 grads."""
     from mtlref.train import train_step
     torch.manual_seed(0)
     model = load_model(need(FIXTURES / fixture))
