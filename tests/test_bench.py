@@ -153,10 +153,9 @@ def test_round_robin_rotates_the_order_and_ratios_are_paired():
     assert (s["median"], s["q1"], s["q3"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: scripts/gpu_check.sh would run for minutes")
 def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
     """scripts/gpu_check.sh on a machine without CUDA: one line, exit code 3, nothing written."""
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is here: scripts/gpu_check.sh would run for minutes")
     done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 3 and done.stdout.strip().count("\n") == 0 and "no CUDA device" in done.stdout
