@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc's malloc at its defaults (by default the timing process keeps freed "
                         "memory, see mtlref.bench.keep_freed_memory)")
     p.add_argument("--skip-memory", action="store_true", help="no per-method memory subprocesses")
+    p.add_argument("--report", metavar="FILE", help="print the tables of a saved run's JSON and exit (nothing is timed)")
     p.add_argument("--out", help="write the JSON here (and FILE.png when matplotlib is importable)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -196,8 +197,32 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     return str(path), "drawn with matplotlib"
 
 
+def report(res: dict) -> None:
+    """Print the run's tables (markdown) from its JSON alone: `python bench.py --report FILE`
+    regenerates them from a saved run, which is how docs/BENCHMARKS.md gets its tables."""
+    cfg, m = res["config"], res["machine"]
+    path = Path(cfg["model"])
+    name = path.parent.name if path.name == "model" else path.name          # MiniLM's package keeps it in model/
+    print(f"## {name} on {cfg['device']} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
+          f"threads, torch {m['torch']}); batch {cfg['batch_size']} × seq {cfg['seq_len']}, targets {cfg['targets']}, "
+          f"{cfg['num_tasks']} tasks, {cfg['repeats']} rounds\n")
+    print(training_table(res) + "\n")
+    print("Peer (transformers + peft LoRA): " + (fmt_ratio(res["peer"]["vs_lora"]) + " × ours" if res["peer"] else
+                                                 f"none ({res['peer_reason']})") + "\n")
+    if res["floor_mfu"]:
+        f = res["floor_mfu"]
+        print(f"Floor: {f['model_flops_per_s'] / 1e12:.0f} model TFLOP/s on {f['gpu']}"
+              + (f", {100 * f['mfu']:.0f} % of its bf16 peak ({f['bf16_peak'] / 1e12:.0f} TFLOP/s)" if f["mfu"] else "")
+              + "\n")
+    print(inference_table(res))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        report(res)
+        return res
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = make_config(args)
@@ -221,20 +246,7 @@ def main(argv=None) -> dict:
     res["elapsed_s"] = time.perf_counter() - t0
     res["plot"], res["plot_note"] = (None, "no --out given") if not args.out else \
         plot(res, Path(args.out).with_suffix(".png"))
-    m, path = res["machine"], Path(cfg.model)
-    name = path.parent.name if path.name == "model" else path.name          # MiniLM's package keeps it in model/
-    print(f"## {name} on {cfg.device} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
-          f"threads, torch {m['torch']}); batch {cfg.batch_size} × seq {cfg.seq_len}, targets {cfg.targets}, "
-          f"{cfg.num_tasks} tasks, {cfg.repeats} rounds\n")
-    print(training_table(res) + "\n")
-    print("Peer (transformers + peft LoRA): " + (fmt_ratio(res["peer"]["vs_lora"]) + " × ours" if peer else
-                                                 f"none ({reason})") + "\n")
-    if res["floor_mfu"]:
-        f = res["floor_mfu"]
-        print(f"Floor: {f['model_flops_per_s'] / 1e12:.0f} model TFLOP/s on {f['gpu']}"
-              + (f", {100 * f['mfu']:.0f} % of its bf16 peak ({f['bf16_peak'] / 1e12:.0f} TFLOP/s)" if f["mfu"] else "")
-              + "\n")
-    print(inference_table(res))
+    report(res)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return res

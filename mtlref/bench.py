@@ -86,8 +86,9 @@ METHODS = {
 FLOOR = "floor"
 # Training-step time relative to LoRA in MoRE's comparison (MoRE paper).
 PAPER_VS_LORA = {"more": 1.6, "multilora": 2.9, "moelora": 3.6, "mixlora": 4.2}
-# Our targets: (reference, the most a step may cost relative to it).
-TARGETS = {"lora": (FLOOR, 1.15), "mtl-lora": ("lora", 1.15), "more": ("lora", 1.2),
+# Our targets: (reference, the most a step may cost relative to it). LoRA ≤ 1.10 × the floor
+# (runs before 2026-12-01 were judged against 1.15, docs/bench/minilm-cpu.json among them).
+TARGETS = {"lora": (FLOOR, 1.10), "mtl-lora": ("lora", 1.15), "more": ("lora", 1.2),
            "multilora": ("lora", 1.3), "moelora": ("lora", 1.4), "mixlora": ("lora", 2.0)}
 # Inference: merged LoRA is the base model's own cost; the others keep their adapters.
 INFERENCE = ("lora-merged", "lora", "mtl-lora", "mtl-lora-merged", "more", "moelora")

@@ -173,3 +173,15 @@ def test_random_weights_of_a_config_shape():
     C, F_, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = C // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     assert bench.matmul_params(model) == L * (2 * C * C + 2 * C * kv + 3 * C * F_) + V * C
+
+
+def test_report_regenerates_the_printed_tables_from_the_json(quick, tmp_path):
+    """`bench.py --report FILE` prints, from the saved JSON alone, what the timed run printed
+    (docs/BENCHMARKS.md's tables come from it)."""
+    res, stdout = quick
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(res))
+    r = subprocess.run([sys.executable, "bench.py", "--report", str(path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() and r.stdout.strip() in stdout
