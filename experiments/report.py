@@ -1,0 +1,207 @@
+"""Write docs/REPLICATION.md and its figures from the grids' result files alone.
+
+    python experiments/report.py                 # experiments/results/ -> docs/REPLICATION.md, docs/replication/*.png
+    python experiments/report.py --results DIR --out FILE.md
+
+Every number in the document comes from a result file (experiments/results/<grid>/*.json, written
+by experiments/run.py) or from the committed bench run (docs/bench/minilm-cpu.json); nothing is
+typed. Figures need matplotlib (`pip install -e ".[analysis]"`); without it the document says so.
+"""
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mtlref import grid as G  # noqa: E402
+
+TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
+              "qnli": "QNLI", "rte": "RTE"}
+# The bench's method name of a variant, for its step time relative to LoRA (same model and batch).
+BENCH_NAME = {"lora-st": "lora", "lora-mt": "lora", "dora": "dora", "multilora": "multilora", "moelora": "moelora",
+              "mixlora": "mixlora", "mtl-lora": "mtl-lora", "more": "more", "more-official": "more"}
+# What each paper reports about a pair (a direction, never a number): (variant, reference, paper).
+PAPER_CLAIMS = [("mtl-lora", "lora-mt", "MTL-LoRA (Tables 2-4): MTL-LoRA above LoRA-MT"),
+                ("mtl-lora", "lora-st", "MTL-LoRA (Table 2): MTL-LoRA above LoRA-ST"),
+                ("more", "lora-mt", "MoRE (Table 1): MoRE above multi-task LoRA"),
+                ("more", "moelora", "MoRE (Table 1): MoRE above MoELoRA"),
+                ("more", "multilora", "MoRE (Table 1): MoRE above MultiLoRA"),
+                ("more", "mixlora", "MoRE (Table 1): MoRE above MixLoRA"),
+                ("more", "mtl-lora", "MoRE (Table 1): MoRE above MTL-LoRA"),
+                ("dora", "lora-mt", "MTL-LoRA (Table 7, commonsense): DoRA above LoRA")]
+
+
+def pm(ms: tuple[float, float], n: int) -> str:
+    return f"{ms[0]:.4f}" if n == 1 else f"{ms[0]:.4f} ± {ms[1]:.4f}"
+
+
+def machines_line(records: list[dict]) -> str:
+    seen = {}
+    for r in records:
+        key = (r["machine"].get("gpu") or r["machine"]["cpu"], r["machine"]["cores"], r["threads"], r["machine"]["torch"])
+        seen.setdefault(key, []).append(r)
+    return "; ".join(f"{len(rs)} cells on {m} ({c} cores, {t} torch thread(s), torch {v})"
+                     for (m, c, t, v), rs in seen.items())
+
+
+def table(summary: dict, order: list[str], bench: dict | None, reference: str | None) -> list[str]:
+    tasks = [t for t in TASK_NAMES if any(t in s["tasks"] for s in summary.values())]
+    head = ["variant", "seeds"] + [TASK_NAMES[t] for t in tasks] + ["average", "trainable %", "step × LoRA"]
+    if reference:
+        head.append(f"vs {reference} (paired t over seeds)")
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for v in order:
+        s = summary[v]
+        step = "–"
+        if bench and BENCH_NAME.get(v) in bench["training"]:
+            step = f"{bench['training'][BENCH_NAME[v]]['vs_lora']['median']:.2f}"
+        cells = [v, str(s["n"])] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
+        cells += [f"**{pm(s['average'], s['n'])}**", f"{s['trainable_percent']:.3f}" if s["trainable_percent"] else "–",
+                  step]
+        if reference:
+            cells.append(compare(summary, v, reference))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compare(summary: dict, v: str, ref: str) -> str:
+    if v == ref or ref not in summary:
+        return "–"
+    t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
+    if t is None:
+        n = len(set(summary[v]["seeds"]) & set(summary[ref]["seeds"]))
+        return f"{summary[v]['average'][0] - summary[ref]['average'][0]:+.4f} ({n} shared seed(s): no test)"
+    return (f"{t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}, critical {t['critical']}): "
+            + ("**exceeds the seed spread**" if t["significant"] else "within the seed spread"))
+
+
+def rank_figure(records: list[dict], path: Path) -> str | None:
+    """MoRE Figure 2a: the rank each task chose in each adapted module (seed 0's MoRE cell)."""
+    r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == "more"),
+             None)
+    if r is None or importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(r["rank_maps"])
+    tasks = list(r["metrics"]["tasks"])
+    m = [[r["rank_maps"][n][t] for n in names] for t in range(len(tasks))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
+    im = ax.imshow(m, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(tasks)), [TASK_NAMES.get(t, t) for t in tasks])
+    short = [n.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "ao")
+             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out") for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, label="chosen rank r_t")
+    ax.set_title(f"MoRE: rank chosen per task and module ({r['grid']}, seed {r['seed']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def average_figure(summary: dict, order: list[str], path: Path) -> str | None:
+    if importlib.util.find_spec("matplotlib") is None or not order:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, v in enumerate(order):
+        ys = list(summary[v]["seeds"].values())
+        ax.scatter([i] * len(ys), ys, color="C0", s=14)
+        ax.errorbar(i, summary[v]["average"][0], yerr=summary[v]["average"][1], color="k", capsize=4, marker="_")
+    ax.set_xticks(range(len(order)), order, rotation=30)
+    ax.set_ylabel("GLUE average (papers' metrics)")
+    ax.set_title("Main grid: each seed (dots), mean ± std (bars)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def write(results: Path, out: Path, bench_path: Path) -> str:
+    records = G.load_results(results)
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    grids = {}
+    for r in records:
+        grids.setdefault(r["grid"], []).append(r)
+    rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
+    figs = out.parent / "replication"
+    L = ["# Replication: every method side by side", "",
+         "Generated by `python experiments/report.py` from the result files in `experiments/results/` "
+         "(one per cell, written by `python experiments/run.py GRID`) and the bench run "
+         f"`{bench_path.name}`; do not edit by hand. Each cell's file holds the exact command that re-runs it.", ""]
+    if not records:
+        L += ["No cell has finished yet: no result file exists.", ""]
+    total_wall = sum(r["wall_s"] for r in records)
+    total_cpu = sum(r["wall_s"] * r["threads"] for r in records)
+    L += [f"**Cells finished: {len(records)}**, {total_wall / 3600:.2f} h of wall time summed over cells, "
+          f"{total_cpu / 3600:.2f} core-hours (wall × threads). Where they ran: {machines_line(records) or 'nowhere yet'}.",
+          ""]
+    for name, rs in grids.items():
+        summary = G.summarise(rs)
+        order = [v for v in json.loads((ROOT / "experiments" / "grids" / f"{name}.json").read_text())["variants"]
+                 if v in summary] if (ROOT / "experiments" / "grids" / f"{name}.json").is_file() else sorted(summary)
+        about = json.loads((ROOT / "experiments" / "grids" / f"{name}.json").read_text()).get("about", "") \
+            if (ROOT / "experiments" / "grids" / f"{name}.json").is_file() else ""
+        ref = "lora-mt" if "lora-mt" in summary else None
+        ref = rs[0]["variant"] if ref is None and name.startswith("ablation") else ref
+        L += [f"## Grid `{name}`", "", about, "",
+              f"{len(rs)} cells; {sum(r['wall_s'] for r in rs) / 3600:.2f} h wall summed; {machines_line(rs)}. "
+              f"Split: {rs[0]['metrics'].get('split')}; steps per cell: "
+              f"{sorted({r['metrics'].get('steps') for r in rs})}. Papers' metrics: MCC for CoLA, Pearson for "
+              "STS-B, accuracy otherwise; mean ± sample standard deviation over seeds.", ""]
+        L += table(summary, order, bench, ref) + [""]
+        if ref:
+            L += [f"The last column: a paired t-test over the seeds both variants ran, on the GLUE average, "
+                  f"against `{ref}` (two-sided, 95 %).", ""]
+        if name == "main":
+            f = average_figure(summary, order, figs / "main-averages.png")
+            if f:
+                L += [f"![GLUE average per seed]({rel(f)})", ""]
+            claims = [c for c in PAPER_CLAIMS if c[0] in summary and c[1] in summary]
+            if claims:
+                L += ["### What agrees with the papers and what does not", ""]
+                for v, r_, paper in claims:
+                    d = summary[v]["average"][0] - summary[r_]["average"][0]
+                    t = G.paired_t(summary[v]["seeds"], summary[r_]["seeds"])
+                    verdict = ("agrees" if d > 0 else "does not agree") + (
+                        "" if t is None else (", beyond the seed spread" if t["significant"] else
+                                              ", but within the seed spread"))
+                    L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average "
+                             f"({compare(summary, v, r_)}): {verdict}.")
+                L.append("")
+        f = rank_figure(rs, figs / f"{name}-more-ranks.png")
+        if f:
+            L += [f"![MoRE rank allocation]({rel(f)})", "",
+                  "MoRE's Figure 2a here: the rank r_t each task's gate chose in every adapted module "
+                  "(argmax of p_t, from the run's adapter_config.json).", ""]
+    if importlib.util.find_spec("matplotlib") is None:
+        L += ["Figures: not drawn, matplotlib is not importable (`pip install -e \".[analysis]\"`).", ""]
+    text = "\n".join(L).rstrip() + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "REPLICATION.md"))
+    p.add_argument("--bench", default=str(ROOT / "docs" / "bench" / "minilm-cpu.json"),
+                   help="bench.py JSON whose step times go in the tables")
+    args = p.parse_args(argv)
+    write(Path(args.results), Path(args.out), Path(args.bench))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

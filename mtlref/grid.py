@@ -1,0 +1,294 @@
+"""Experiment grids: cells of train.py runs, run resumably, recorded as small JSON files, summarised.
+
+A grid is a JSON file (experiments/grids/*.json):
+
+    {"name": "main",
+     "about": "one line on what the grid compares",
+     "common": ["--bench", "glue", "--split", "paper"],      # every cell's train.py flags
+     "variants": {"lora-mt": ["--method", "lora"], ...},      # variant name -> its own flags
+     "seeds": [0, 1, 2],
+     "minutes_per_cell": 12}                                  # the plan's estimate (2 threads, this CPU)
+
+A cell is (variant, seed): `python train.py <common> <variant> --seed S --out <runs>/<grid>/<variant>/s<S>
+--save-every K`. Cells run seed-major (every variant's seed 0 first), so a grid stopped half-way
+still holds complete comparisons. A finished cell leaves <results>/<grid>/<variant>__s<S>.json
+(`record`), and a cell whose JSON exists is never run again; a killed cell continues from its
+checkpoint (`--resume`, bit for bit: tests/test_scale.py). The stored `command` re-runs the
+cell; with the same thread count it gives the same metrics (tests/test_grid.py checks one).
+
+summarise() and paired_t() are what experiments/report.py tabulates; nothing here plots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    grid: str
+    variant: str
+    seed: int
+    argv: tuple[str, ...]          # train.py and its flags, without the interpreter, --out and --save-every
+
+    @property
+    def name(self) -> str:
+        return f"{self.grid}/{self.variant}/s{self.seed}"
+
+    def out(self, runs: Path) -> Path:
+        return Path(runs) / self.grid / self.variant / f"s{self.seed}"
+
+    def result(self, results: Path) -> Path:
+        return Path(results) / self.grid / f"{self.variant}__s{self.seed}.json"
+
+
+def load_grid(path: str | Path) -> dict:
+    """The grid file, checked: a clear error names the file and what is wrong in it."""
+    path = Path(path)
+    try:
+        grid = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such grid file (the grids are in experiments/grids/)") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    for key, typ in [("name", str), ("variants", dict), ("seeds", list)]:
+        if not isinstance(grid.get(key), typ):
+            raise SystemExit(f"{path}: needs \"{key}\" ({typ.__name__}); see mtlref/grid.py for the format")
+    for v, flags in grid["variants"].items():
+        if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+            raise SystemExit(f"{path}: variant {v!r} must be a list of train.py flags (strings)")
+        if "/" in v or v.startswith("."):
+            raise SystemExit(f"{path}: variant name {v!r} is used as a file name; use letters, digits and -")
+        reserved = {"--seed", "--out", "--save-every", "--resume"} & set(flags + grid.get("common", []))
+        if reserved:
+            raise SystemExit(f"{path}: {sorted(reserved)} are set by the runner per cell; remove them from the grid")
+    if not all(isinstance(s, int) for s in grid["seeds"]):
+        raise SystemExit(f"{path}: \"seeds\" must be a list of integers")
+    return grid
+
+
+def cells(grid: dict, variants: list[str] | None = None, seeds: list[int] | None = None) -> list[Cell]:
+    """The grid's cells, seed-major; `variants` / `seeds` pick a subset (unknown names are an error)."""
+    names = list(grid["variants"])
+    unknown = sorted(set(variants or []) - set(names))
+    if unknown:
+        raise SystemExit(f"grid {grid['name']!r} has no variant {unknown}; it has {names}")
+    chosen = [v for v in names if variants is None or v in variants]
+    out = []
+    for seed in grid["seeds"] if seeds is None else seeds:
+        for v in chosen:
+            out.append(Cell(grid["name"], v, int(seed),
+                            ("train.py", *grid.get("common", []), *grid["variants"][v], "--seed", str(seed))))
+    return out
+
+
+def threads_per_cell(jobs: int, cores: int | None = None) -> int:
+    """Cores shared out between the cells that run at once (at least one thread each)."""
+    if not cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, jobs))
+
+
+def command(cell: Cell, runs: Path, threads: int, device: str | None, save_every: int) -> tuple[list[str], dict]:
+    """(argv after `python`, environment) of the cell's train.py run."""
+    out = cell.out(runs).resolve()
+    argv = [*cell.argv, "--out", str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)]
+    if device:
+        argv += ["--device", device]
+    if save_every:
+        argv += ["--save-every", str(save_every)]
+    return argv, {"OMP_NUM_THREADS": str(threads)}
+
+
+def shell_line(argv: list[str], env: dict) -> str:
+    """The command as one line to paste into a shell in the repository root."""
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " python " + " ".join(map(shlex.quote, argv))
+
+
+def git_state(root: Path = ROOT) -> dict:
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def machine(device: str | None) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch": torch.__version__, "device": device or "cpu"}
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, resumed: bool,
+           device: str | None) -> dict:
+    """The cell's result file: what ran, where, for how long, and what it measured. Read from the
+    run's own metrics.json (and adapter_config.json's MoRE rank maps); weights stay in `runs`."""
+    out = cell.out(runs)
+    metrics = json.loads((out / "metrics.json").read_text())
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    per_task = {}
+    if (out / "tasks").is_dir():                     # LoRA-ST: one run per task, each with its rank maps
+        for d in sorted((out / "tasks").iterdir()):
+            c = d / "adapter_config.json"
+            if c.is_file() and "rank_maps" in json.loads(c.read_text()):
+                per_task[d.name] = json.loads(c.read_text())["rank_maps"]
+    return {"schema": SCHEMA, "grid": cell.grid, "variant": cell.variant, "seed": cell.seed,
+            "command": shell_line(argv, env), "argv": argv, "env": env, "git": git_state(),
+            "machine": machine(device), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
+            "wall_s": round(wall_s, 1), "resumed": resumed,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": metrics.get("method"), "trainable_params": metrics.get("trainable_params"),
+            "trainable_percent": metrics.get("trainable_percent"), "metrics": metrics,
+            "rank_maps": config.get("rank_maps") or per_task or None}
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def planned_minutes(grid: dict, threads: int) -> float:
+    """The grid file's estimate of one cell's wall minutes at `threads` threads: "minutes_per_cell"
+    is a number, or {threads: minutes} measured on the machine the grid was planned on."""
+    m = grid.get("minutes_per_cell", 10)
+    if isinstance(m, dict):
+        known = {int(k): float(v) for k, v in m.items()}
+        return known.get(threads, known[min(known, key=lambda k: abs(k - threads))])
+    return float(m)
+
+
+def fmt_minutes(s: float) -> str:
+    s = max(0, int(round(s)))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
+
+
+def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int = 1, device: str | None = None,
+             save_every: int = 100, python: str = "python", on_done=None, log=print) -> list[str]:
+    """Run the cells without a result file, `jobs` at a time; returns the names of those that failed.
+    A progress line per start and finish: which cell, its ETA, the grid's ETA."""
+    threads = threads_per_cell(jobs)
+    pending = [c for c in todo if not c.result(results).is_file()]
+    skipped = len(todo) - len(pending)
+    if skipped:
+        log(f"[{grid['name']}] {skipped} of {len(todo)} cells already have results; not run again")
+    walls = [json.loads(c.result(results).read_text())["wall_s"] for c in todo if c.result(results).is_file()
+             and json.loads(c.result(results).read_text()).get("threads") == threads]
+    estimate = lambda: (sum(walls) / len(walls)) if walls else 60.0 * planned_minutes(grid, threads)  # noqa: E731
+    running, failed, done = {}, [], 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            cell = pending.pop(0)
+            argv, env = command(cell, runs, threads, device, save_every)
+            resumed = (cell.out(runs) / "checkpoint" / "state.safetensors").is_file()
+            cell.out(runs).mkdir(parents=True, exist_ok=True)
+            stdout = open(cell.out(runs).parent / f"s{cell.seed}.log", "a")
+            proc = subprocess.Popen([python, *argv] + (["--resume"] if resumed else []), cwd=ROOT,
+                                    env={**os.environ, **env}, stdout=stdout, stderr=subprocess.STDOUT)
+            running[proc] = (cell, argv, env, resumed, time.monotonic(), stdout)
+            left = len(pending) + len(running)
+            log(f"[{grid['name']}] start {cell.name}{' (resuming)' if resumed else ''}: "
+                f"{threads} thread(s); ETA this cell {fmt_minutes(estimate())}, the grid's "
+                f"{fmt_minutes(estimate() * math.ceil(left / jobs))} ({left} cells left, {jobs} at a time)")
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            cell, argv, env, resumed, t0, stdout = running.pop(proc)
+            stdout.close()
+            wall = time.monotonic() - t0
+            if proc.returncode != 0:
+                failed.append(cell.name)
+                tail = (cell.out(runs).parent / f"s{cell.seed}.log").read_text(errors="replace")[-1500:]
+                log(f"[{grid['name']}] FAILED {cell.name} (exit {proc.returncode}); the end of its log, "
+                    f"{cell.out(runs).parent / f's{cell.seed}.log'}:\n{tail}")
+                continue
+            res = record(cell, argv, env, runs, wall, resumed, device)
+            write_atomic(cell.result(results), res)
+            walls.append(wall)
+            done += 1
+            log(f"[{grid['name']}] done {cell.name} in {fmt_minutes(wall)}: average "
+                f"{res['metrics'].get('average', float('nan')):.4f} -> {cell.result(results)}")
+            if on_done:
+                on_done(cell, cell.result(results))
+    return failed
+
+
+# ----------------------------------------------------------------------------- summaries
+def load_results(results: Path, grid: str | None = None) -> list[dict]:
+    files = sorted(Path(results).glob(f"{grid or '*'}/*.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+# Two-sided 95 % critical values of Student's t, by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_t(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Paired t-test over the seeds both have: mean difference a - b, t, and whether |t| exceeds
+    the two-sided 95 % critical value (None with fewer than 2 shared seeds, or df above the table)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2 or len(seeds) - 1 not in T975:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    m, sd = mean_std(d)
+    t = math.inf if sd == 0 and m != 0 else (0.0 if sd == 0 else m / (sd / math.sqrt(len(d))))
+    return {"n": len(d), "mean_diff": m, "t": t, "critical": T975[len(d) - 1], "significant": abs(t) > T975[len(d) - 1]}
+
+
+def main_metric(task_metrics: dict) -> float:
+    """The papers' metric of one task: MCC for CoLA, Pearson for STS-B, accuracy otherwise."""
+    for k in ("mcc", "pearson", "accuracy"):
+        if k in task_metrics:
+            return task_metrics[k]
+    return next(iter(task_metrics.values()))
+
+
+def summarise(records: list[dict]) -> dict:
+    """variant -> {"seeds": {seed: average}, "tasks": {task: (mean, std)}, "average": (mean, std), ...}."""
+    by = {}
+    for r in records:
+        by.setdefault(r["variant"], []).append(r)
+    out = {}
+    for v, rs in by.items():
+        rs.sort(key=lambda r: r["seed"])
+        tasks = list(rs[0]["metrics"]["tasks"])
+        out[v] = {"n": len(rs), "seeds": {r["seed"]: r["metrics"]["average"] for r in rs},
+                  "tasks": {t: mean_std([main_metric(r["metrics"]["tasks"][t]) for r in rs if t in r["metrics"]["tasks"]])
+                            for t in tasks},
+                  "average": mean_std([r["metrics"]["average"] for r in rs]),
+                  "method": rs[0].get("method"), "trainable_percent": rs[0].get("trainable_percent"),
+                  "wall_s": sum(r["wall_s"] for r in rs), "cpu_s": sum(r["wall_s"] * r["threads"] for r in rs),
+                  "machines": sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs})}
+    return out

@@ -1,0 +1,147 @@
+"""experiments/run.py and experiments/report.py on a tiny grid (the bert-tiny fixture, two jsonl
+tasks, a few steps): cells run two at a time and leave their result files, a second call runs
+nothing, a killed grid resumes its cell and ends with the uninterrupted metrics, a stored command
+re-runs its cell to the same metrics, and the report's numbers are the result files' numbers.
+The real grids (experiments/grids/) are never run here."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from mtlref import grid as G
+
+
+def tiny_grid(path: Path, model: Path, tasks: Path, steps: int = 6, seeds=(0, 1), variants=None) -> Path:
+    grid = {"name": path.stem, "about": "a test grid",
+            "common": ["--bench", "jsonl", "--jsonl", str(tasks), "--model", str(model), "--max-length", "16",
+                       "--eval-batch-size", "8", "--batch-size", "4", "--max-steps", str(steps), "--lr", "5e-3"],
+            "variants": variants or {"lora-mt": ["--method", "lora"], "more": ["--method", "more"]},
+            "seeds": list(seeds), "minutes_per_cell": {"1": 0.1}}
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def run_grid(grid: Path, tmp: Path, *flags, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "experiments/run.py", str(grid), "--runs", str(tmp / "runs"),
+                           "--results", str(tmp / "results"), *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **kw)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_grid_files_are_checked_and_cells_run_seed_major(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"name": "g", "variants": {"a": ["--method", "lora"], "b": []}, "seeds": [0, 1]}))
+    cells = G.cells(G.load_grid(path))
+    assert [c.name for c in cells] == ["g/a/s0", "g/b/s0", "g/a/s1", "g/b/s1"]
+    assert cells[0].argv == ("train.py", "--method", "lora", "--seed", "0")
+    assert [c.name for c in G.cells(G.load_grid(path), ["b"], [1])] == ["g/b/s1"]
+    with pytest.raises(SystemExit, match="no variant"):
+        G.cells(G.load_grid(path), ["c"])
+    for bad, message in [({"name": "g", "variants": {"a": ["--seed", "3"]}, "seeds": [0]}, "set by the runner"),
+                         ({"name": "g", "variants": {"a/b": []}, "seeds": [0]}, "file name"),
+                         ({"name": "g", "variants": {"a": "--method lora"}, "seeds": [0]}, "list of train.py flags"),
+                         ({"variants": {}, "seeds": [0]}, "needs \"name\"")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=message):
+            G.load_grid(path)
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"g.json: not valid JSON \(line 1"):
+        G.load_grid(path)
+    assert G.threads_per_cell(2, cores=2) == 1 and G.threads_per_cell(1, cores=2) == 2 and G.threads_per_cell(4, 2) == 1
+    assert G.planned_minutes({"minutes_per_cell": {"2": 12, "1": 21}}, 1) == 21
+    assert G.planned_minutes({"minutes_per_cell": 7}, 3) == 7
+
+
+def test_paired_t_over_seeds():
+    a, b = {0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.63, 2: 0.61}
+    t = G.paired_t(a, b)                       # differences 0.10, 0.09, 0.10: mean 0.09667, sd 0.005774
+    assert t["n"] == 3 and t["mean_diff"] == pytest.approx(0.096667, abs=1e-6)
+    assert t["t"] == pytest.approx(0.096667 / (0.0057735 / math.sqrt(3)), rel=1e-4) and t["significant"]
+    noisy = G.paired_t({0: 0.70, 1: 0.60, 2: 0.71}, {0: 0.65, 1: 0.66, 2: 0.64})   # +0.05, -0.06, +0.07
+    assert noisy["critical"] == 4.303 and not noisy["significant"]
+    assert G.paired_t({0: 0.7}, {0: 0.6}) is None and G.paired_t({0: 0.7, 1: 0.7}, {2: 0.6, 3: 0.6}) is None
+    assert G.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and G.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_bert, tiny_tasks, tmp_path):
+    grid = tiny_grid(tmp_path / "tiny.json", tiny_bert, tiny_tasks)
+    first = run_grid(grid, tmp_path, "--jobs", "2")
+    assert first.stdout.count("start tiny/") == 4 and first.stdout.count("done tiny/") == 4
+    assert "ETA this cell" in first.stdout and "the grid's" in first.stdout
+    files = sorted((tmp_path / "results" / "tiny").glob("*.json"))
+    assert [f.name for f in files] == ["lora-mt__s0.json", "lora-mt__s1.json", "more__s0.json", "more__s1.json"]
+    rec = json.loads(files[2].read_text())
+    assert rec["command"].startswith("OMP_NUM_THREADS=1 python train.py --bench jsonl") and "--seed 0" in rec["command"]
+    assert rec["threads"] == 1 and rec["machine"]["torch"] and rec["git"]["commit"] and rec["wall_s"] > 0
+    assert rec["metrics"]["method"] == "more" and rec["trainable_params"] > 0 and not rec["resumed"]
+    assert rec["rank_maps"] and all(len(v) == 2 for v in rec["rank_maps"].values())   # MoRE: a rank per task
+    assert json.loads(files[0].read_text())["rank_maps"] is None
+    before = [f.read_text() for f in files]
+
+    again = run_grid(grid, tmp_path, "--jobs", "2")
+    assert "4 of 4 cells already have results; not run again" in again.stdout and "start" not in again.stdout
+    assert [f.read_text() for f in files] == before
+
+    out = tmp_path / "doc" / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    recs = [json.loads(f.read_text()) for f in files]
+    for variant in ("lora-mt", "more"):
+        avg = G.mean_std([r["metrics"]["average"] for r in recs if r["variant"] == variant])
+        assert f"**{avg[0]:.4f} ± {avg[1]:.4f}**" in text, variant
+    assert "**Cells finished: 4**" in text and "## Grid `tiny`" in text and "paired t-test" in text
+
+
+def test_a_stored_command_reruns_its_cell_to_the_same_metrics(tiny_bert, tiny_tasks, tmp_path):
+    grid = tiny_grid(tmp_path / "one.json", tiny_bert, tiny_tasks, seeds=(3,), variants={"mtl": ["--method",
+                                                                                                 "mtl-lora"]})
+    run_grid(grid, tmp_path)
+    rec = json.loads((tmp_path / "results" / "one" / "mtl__s3.json").read_text())
+    argv = list(rec["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **rec["env"]}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["tasks"] == rec["metrics"]["tasks"] and metrics["average"] == rec["metrics"]["average"]
+
+
+def test_a_killed_grid_resumes_its_cell(tiny_bert, tiny_tasks, tmp_path):
+    """SIGKILL to the whole runner once the cell has a checkpoint; the same command then resumes the
+    cell (train.py --resume) and records the uninterrupted cell's metrics."""
+    variants = {"more": ["--method", "more", "--eval-every", "20"]}
+    whole = tiny_grid(tmp_path / "g.json", tiny_bert, tiny_tasks, steps=80, seeds=(0,), variants=variants)
+    run_grid(whole, tmp_path / "whole", "--save-every", "10")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "experiments/run.py", str(whole), "--runs", str(killed / "runs"),
+                             "--results", str(killed / "results"), "--save-every", "10"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = killed / "runs" / "g" / "more" / "s0" / "checkpoint" / "state.safetensors"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results" / "g" / "more__s0.json").exists(), "the cell ended before it could be killed"
+    resumed = run_grid(whole, killed, "--save-every", "10")
+    assert "start g/more/s0 (resuming)" in resumed.stdout
+    assert "resumed from" in (killed / "runs" / "g" / "more" / "s0.log").read_text()   # train.py --resume ran
+    a = json.loads((killed / "results" / "g" / "more__s0.json").read_text())
+    b = json.loads((tmp_path / "whole" / "results" / "g" / "more__s0.json").read_text())
+    assert a["resumed"] and not b["resumed"]
+    assert a["metrics"]["tasks"] == b["metrics"]["tasks"] and a["metrics"]["best_step"] == b["metrics"]["best_step"]
+    ta = load_file(killed / "runs" / "g" / "more" / "s0" / "adapter.safetensors")
+    tb = load_file(tmp_path / "whole" / "runs" / "g" / "more" / "s0" / "adapter.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)     # bit for bit
