@@ -79,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--single-task", action="store_true",
                    help="LoRA-ST: each task trained alone with its own LoRA, optimizer and budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-examples", type=int, default=None, metavar="K",
+                   help="k-shot: train on K examples per task, drawn with --seed (MoRE Table 4: k = 4, 16, 32)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start the adapters from a train.py --out directory (few-shot transfer, MoRE §5.1)")
+    p.add_argument("--task-init", default=None, metavar="NEW=SAVED,...",
+                   help="with --init-from: the saved task whose per-task tensors (MoRE's task embedding, "
+                        "MTL-LoRA's Λ_t and w_t, ...) start each new task, e.g. cb=mnli,superglue_boolq=qnli")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 turns it off on CUDA; bf16 turns it on on CPU")

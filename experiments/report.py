@@ -126,7 +126,58 @@ def average_figure(summary: dict, order: list[str], path: Path) -> str | None:
     return str(path)
 
 
-def write(results: Path, out: Path, bench_path: Path) -> str:
+def tsne_figure(res: dict, path: Path) -> str | None:
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = list(res["runs"].items())
+    fig, axes = plt.subplots(len(runs), 2, figsize=(9, 4 * len(runs)), squeeze=False)
+    for row, (name, r) in zip(axes, runs):
+        tasks = sorted(set(r["labels"]), key=r["labels"].index)
+        for ax, space in zip(row, ("low", "full")):
+            xy = r[space]["tsne"]
+            for k, t in enumerate(tasks):
+                pts = [p for p, lab in zip(xy, r["labels"]) if lab == t]
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=f"C{k}", label=TASK_NAMES.get(t, t))
+            ax.set_title(f"{r['method']}, {'low-rank A_t x' if space == 'low' else 'full-rank output'}: "
+                         f"macro-F1 {r[space]['macro_f1']:.3f}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][1].legend(fontsize=7, markerscale=2, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
+    """MTL-LoRA Table 6 / Figure 1 from experiments/probe.py's JSON files."""
+    files = sorted(analyses.glob("probe-*.json"))
+    if not files:
+        return ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", "",
+                "Not yet run: no `experiments/analyses/probe-*.json` (`python experiments/probe.py RUN ...`).", ""]
+    L = ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", ""]
+    for f in files:
+        res = json.loads(f.read_text())
+        L += [f"`{res['command']}` ({res['per_task']} test examples per task, seed {res['seed']}): a linear probe "
+              "(logistic regression on standardised features) fitted on a stratified 40 % and scored on the other "
+              "60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
+              "| run | method | module | low-rank (dim) | full-rank (dim) |", "|---|---|---|---:|---:|"]
+        for name, r in res["runs"].items():
+            L.append(f"| `{name}` | {r['method']} | `{r['module']}` | {r['low']['macro_f1']:.3f} ({r['low']['dim']}) | "
+                     f"{r['full']['macro_f1']:.3f} ({r['full']['dim']}) |")
+        L.append("")
+        fig = tsne_figure(res, figs / f"{f.stem}-tsne.png")
+        if fig:
+            L += [f"![t-SNE of the features]({rel(fig)})", ""]
+    return L
+
+
+def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = None) -> str:
+    analyses = analyses or Path(results).parent / "analyses"
     records = G.load_results(results)
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     grids = {}
@@ -183,6 +234,7 @@ def write(results: Path, out: Path, bench_path: Path) -> str:
             L += [f"![MoRE rank allocation]({rel(f)})", "",
                   "MoRE's Figure 2a here: the rank r_t each task's gate chose in every adapted module "
                   "(argmax of p_t, from the run's adapter_config.json).", ""]
+    L += probe_section(Path(analyses), figs, rel)
     if importlib.util.find_spec("matplotlib") is None:
         L += ["Figures: not drawn, matplotlib is not importable (`pip install -e \".[analysis]\"`).", ""]
     text = "\n".join(L).rstrip() + "\n"
@@ -197,8 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "REPLICATION.md"))
     p.add_argument("--bench", default=str(ROOT / "docs" / "bench" / "minilm-cpu.json"),
                    help="bench.py JSON whose step times go in the tables")
+    p.add_argument("--analyses", default=None, help="experiments/probe.py JSON files (default: beside --results)")
     args = p.parse_args(argv)
-    write(Path(args.results), Path(args.out), Path(args.bench))
+    write(Path(args.results), Path(args.out), Path(args.bench), Path(args.analyses) if args.analyses else None)
     print(f"wrote {args.out}")
     return 0
 

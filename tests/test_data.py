@@ -18,7 +18,8 @@ ROWS = {
     ("rte", "train"): 2490, ("rte", "dev"): 277, ("qnli", "train"): 8999, ("qnli", "dev"): 5463,
     ("qqp", "train"): 8999, ("qqp", "dev"): 1000, ("mnli", "train"): 8999, ("mnli", "dev"): 1000,
     ("mnli", "dev_mismatched"): 1000, ("mnli_mm", "dev"): 1000,
-    ("cb", "train"): 250, ("cb", "dev"): 56, ("cb", "test"): 250, ("superglue_boolq", "dev"): 3270,
+    ("cb", "train"): 250, ("cb", "dev"): 56, ("cb", "test"): 250,
+    ("superglue_boolq", "dev"): 1635, ("superglue_boolq", "train"): 1635,
     ("boolq", "test"): 3270, ("piqa", "test"): 1838, ("social_i_qa", "test"): 1954, ("winogrande", "test"): 1267,
     ("arc_easy", "test"): 2376, ("arc_challenge", "test"): 1172, ("openbookqa", "test"): 500,
     ("boolq", "train"): 9427, ("arc_easy", "train"): 2251, ("arc_challenge", "train"): 1119,
@@ -90,7 +91,11 @@ def test_tricky_rows(data):
     assert cola[-1].source.endswith(":1043")                      # last line has no newline
     assert all(e.label is None for e in load_task("cb", data, "test"))
     boolq = load_task("superglue_boolq", data, "dev")
-    assert Counter(e.label for e in boolq) == {1: 2033, 0: 1237}
+    pool = load_task("superglue_boolq", data, "train")
+    assert len(boolq) == len(pool) == 1635 and all(e.text_pair for e in pool)     # val.jsonl's 3,270, halved
+    assert not {e.source for e in boolq} & {e.source for e in pool}               # disjoint, every row used once
+    assert Counter(e.label for e in boolq) + Counter(e.label for e in pool) == {1: 2033, 0: 1237}
+    assert [e.source for e in load_task("superglue_boolq", data, "train")] == [e.source for e in pool]  # fixed
 
 
 def test_specs():

@@ -99,19 +99,21 @@ def test_glue_run_on_real_glue(tiny_bert, tmp_path):
 
 @pytest.mark.slow
 def test_superglue_run_with_the_default_tasks(tiny_bert, tmp_path):
-    """--bench superglue with no --tasks trains the SuperGLUE tasks that have a training set
-    (CB; BoolQ ships its validation set only) and scores CB's dev set (val.jsonl)."""
+    """--bench superglue with no --tasks trains both SuperGLUE tasks (CB; BoolQ on one seeded half
+    of its validation file, scored on the other half) and scores their dev sets."""
     out = tmp_path / "superglue"
     need(DATA / "superglue")
     train_cli.main(["--bench", "superglue", "--data-dir", str(DATA),
                     "--model", str(tiny_bert), "--method", "lora", "--max-steps", "6", "--lr", "2e-3",
                     "--batch-size", "8", "--max-length", "64", "--max-eval-examples", "16", "--out", str(out)])
     metrics, tensors, config, log = outputs(out)
-    check_files(metrics, tensors, config, log, ["cb"], 6, "lora", "superglue")
+    check_files(metrics, tensors, config, log, ["cb", "superglue_boolq"], 6, "lora", "superglue")
     assert metrics["split"] == "dev" and metrics["best_step"] == 6
-    assert is_fraction_of(metrics["tasks"]["cb"]["accuracy"], 16)
-    assert metrics["average"] == metrics["tasks"]["cb"]["accuracy"]
+    cb, boolq = metrics["tasks"]["cb"]["accuracy"], metrics["tasks"]["superglue_boolq"]["accuracy"]
+    assert is_fraction_of(cb, 16) and is_fraction_of(boolq, 16)
+    assert metrics["average"] == pytest.approx((cb + boolq) / 2)
     assert tensors["heads.0.weight"].shape[0] == 3                         # entailment, contradiction, neutral
+    assert tensors["heads.1.weight"].shape[0] == 2                         # False, True
     assert [r["lr"] for r in log if "loss" in r] == [0.0]
 
 

@@ -3,6 +3,7 @@ tasks, a few steps): cells run two at a time and leave their result files, a sec
 nothing, a killed grid resumes its cell and ends with the uninterrupted metrics, a stored command
 re-runs its cell to the same metrics, and the report's numbers are the result files' numbers.
 The real grids (experiments/grids/) are never run here."""
+import importlib.util
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, need_extra
 from mtlref import grid as G
 
 
@@ -145,3 +146,54 @@ def test_a_killed_grid_resumes_its_cell(tiny_bert, tiny_tasks, tmp_path):
     ta = load_file(killed / "runs" / "g" / "more" / "s0" / "adapter.safetensors")
     tb = load_file(tmp_path / "whole" / "runs" / "g" / "more" / "s0" / "adapter.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)     # bit for bit
+
+
+def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_tasks, tmp_path):
+    """experiments/probe.py on two tiny runs (LoRA-MT, MTL-LoRA): the features are A_t x (rank r)
+    and the module's output (hidden size) averaged over real tokens, for every test example it
+    picked; LoRA-MT's A is shared, so its low-rank features do not depend on the task id, while
+    MTL-LoRA's Λ_t A x does; the probe's macro-F1 and t-SNE points come out for each."""
+    need_extra("sklearn")
+    runs = {}
+    for method in ("lora", "mtl-lora"):
+        runs[method] = tmp_path / method
+        done = subprocess.run([sys.executable, "train.py", "--bench", "jsonl", "--jsonl", str(tiny_tasks), "--jsonl-dev",
+                               str(tiny_tasks), "--model", str(tiny_bert), "--method", method, "--max-steps", "6", "--batch-size", "4",
+                               "--max-length", "16", "--lr", "5e-2", "--out", str(runs[method])], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("probe_cli", ROOT / "experiments" / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cfg = json.loads((runs["lora"] / "adapter_config.json").read_text())
+    hidden = json.loads((tiny_bert / "config.json").read_text())["hidden_size"]
+    feats = {m: probe.features(runs[m], per_task=3, seed=0, module=None, data_dir=None) for m in runs}
+    for m, f in feats.items():
+        assert f["module"] == "encoder.layer.1.attention.output.dense"      # bert-tiny: 2 blocks
+        assert f["low"].shape == (6, cfg["rank"]) and f["full"].shape == (6, hidden) and len(f["labels"]) == 6
+        assert f["labels"] == ["sentiment"] * 3 + ["pair"] * 3
+    # the same examples read as the other task: LoRA-MT's A x is unchanged, MTL-LoRA's Λ_t A x is not
+    for m, same in (("lora", True), ("mtl-lora", False)):
+        cfg_m, specs, backbone, model, tok = probe.load_run(runs[m])
+        adapter = probe.adapters_of(backbone)[feats[m]["module"]]
+        slot = backbone.get_submodule(feats[m]["module"])
+        A0, A1 = (adapter.as_lora(t, slot)[0] for t in (0, 1))
+        assert torch.equal(A0, A1) == same, m
+    out = tmp_path / "analyses" / "probe-tiny.json"
+    assert probe.main([str(runs["lora"]), str(runs["mtl-lora"]), "--per-task", "10", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for run in res["runs"].values():
+        for space, dim in (("low", cfg["rank"]), ("full", hidden)):
+            r = run[space]
+            assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["tsne"]) == 20
+            assert r["n_train"] == 8 and r["n_test"] == 12                 # 40 / 60 of 20 examples
+    doc = tmp_path / "doc" / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
+                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    for name, run in res["runs"].items():
+        assert f"| `{name}` | {run['method']} |" in text and f"{run['low']['macro_f1']:.3f} ({cfg['rank']})" in text
+    assert "![t-SNE of the features](replication/probe-tiny-tsne.png)" in text
+    assert (tmp_path / "doc" / "replication" / "probe-tiny-tsne.png").stat().st_size > 1000

@@ -91,9 +91,23 @@ def test_every_mtlref_module_imports():
 def test_ci_runs_the_readme_test_command_with_ci_true():
     """.ci/run exports CI=true and then runs exactly the README's test command."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    command = "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    command = "bash scripts/setup.sh --analysis && .venv/bin/python -m pytest"
     assert f"{command}\n" in readme
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     assert "export CI=true" in lines
     assert lines[-1] == command and lines.index("export CI=true") < len(lines) - 1
+
+
+def test_the_library_never_imports_the_peer_or_the_analysis_packages():
+    """mtlref/ needs torch, sentencepiece, safetensors and numpy only: transformers and peft are
+    measured against from outside (bench.py's peer), matplotlib and scikit-learn belong to the
+    optional analysis extra (experiments/, bench.py's plot)."""
+    forbidden = ("transformers", "peft", "matplotlib", "sklearn", "scipy")
+    offenders = []
+    for path in sorted((ROOT / "mtlref").rglob("*.py")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            m = re.match(r"\s*(?:from|import)\s+([A-Za-z_][\w]*)", line)
+            if m and m.group(1) in forbidden:
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, offenders

@@ -289,6 +289,38 @@ def recorded_options(cfg: dict, where) -> dict:
     return given
 
 
+def init_adapters_from(model: nn.Module, path, task_map: list[int]) -> dict:
+    """Start the adapters attached to `model` from a saved run's (few-shot transfer, MoRE §5.1:
+    "initialized with the best checkpoint from GLUE task training, sharing task embeddings for
+    similar tasks"). Every shared tensor is copied; every per-task tensor (Adapter.task_tensors,
+    dim 0 = task) is taken row by row, new task t from saved task task_map[t], so a new task starts
+    as the saved task it resembles. Heads are not read (a new task has its own labels). The saved
+    adapters must be of the same method, targets, rank, α and options; returns the saved config."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; --init-from takes a train.py --out directory")
+    cfg = json.loads(cfg_file.read_text())
+    cfg["options"] = recorded_options(cfg, cfg_file)
+    have = model.adapter_config
+    diff = [k for k in ("method", "targets", "rank", "alpha", "options") if json.loads(json.dumps(have[k])) != cfg[k]]
+    if diff:
+        raise ValueError(f"{cfg_file}: these adapters differ from the run's (" + ", ".join(
+            f"{k}: saved {cfg[k]!r} vs this run {have[k]!r}" for k in diff) + "); pass the same method and settings")
+    bad = [t for t in task_map if not 0 <= t < cfg["num_tasks"]]
+    if len(task_map) != have["num_tasks"] or bad:
+        raise ValueError(f"{cfg_file}: task map {task_map} must give one saved task (0..{cfg['num_tasks'] - 1}) "
+                         f"for each of this run's {have['num_tasks']} tasks")
+    saved = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("heads.")}
+    expected = adapter_state(model)
+    per_task = {f"{name}.adapter.{t}" for name, a in adapters_of(model).items() for t in a.task_tensors}
+    index = torch.tensor(task_map, dtype=torch.long)
+    rows = {k: v.index_select(0, index) if k in per_task else v for k, v in saved.items()}
+    copy_strictly(expected, rows, weights, "the saved adapters are not those this run attaches")
+    return cfg
+
+
 def load_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | None = None) -> dict:
     """Attach (if needed) and load adapters saved by save_adapters; returns the saved config."""
     path = Path(path)

@@ -67,6 +67,7 @@ class Adapter(nn.Module):
     exact_zero_init: bool = True          # ΔY is exactly 0 at init (DoRA: only to rounding)
     mergeable: bool = True                # delta_weight exists
     task_specific: bool = False           # forward needs ctx.task_ids
+    task_tensors: tuple[str, ...] = ()    # parameters/buffers indexed by task on dim 0, where present (transfer)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()

@@ -25,6 +25,7 @@ class LoRA(Adapter):
         super().__init__(base, num_tasks, rank, alpha, dropout)
         self.per_task = bool(per_task)
         self.task_specific = self.per_task
+        self.task_tensors = ("lora_A", "lora_B") if self.per_task else ()
         lead = (num_tasks,) if self.per_task else ()
         dev = self.device_of(base)
         self.lora_A = nn.Parameter(lora_a_init(*lead, rank, self.in_features, device=dev))

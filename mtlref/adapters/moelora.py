@@ -26,6 +26,7 @@ class MoELoRA(Adapter):
     options = {"num_experts": 8, "task_dim": 64}
     zero_init = ("lora_B",)
     task_specific = True
+    task_tensors = ("task_embedding",)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float,
                  dropout: float = 0.0, num_experts: int = 8, task_dim: int = 64):

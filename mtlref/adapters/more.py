@@ -93,6 +93,7 @@ class MoRE(Adapter):
                "selection": "ste", "task_embedding": True, "official": False}
     zero_init = ("lora_B",)
     task_specific = True
+    task_tensors = ("task_embedding", "rank_table")          # rank_table: official mode, once fixed
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
                  task_dim: int | None = None, contrastive: bool | None = None, tau: float = 0.05,

@@ -39,6 +39,7 @@ class MTLLoRA(Adapter):
     options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
     zero_init = ("lora_B",)
     task_specific = True
+    task_tensors = ("task_lambda", "task_weights")
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
                  num_up: int = 3, tau: float = 0.5, full_lambda: bool = False, weights_init: str = "normal",

@@ -5,8 +5,13 @@ scripts/setup.sh links to ../shared/data). Task names:
     GLUE         cola sst2 mrpc stsb qqp mnli qnli rte, plus mnli_mm: MNLI's mismatched dev,
                  evaluated with MNLI's task id and head (TaskSpec.parent), reported, not averaged
     SuperGLUE    cb (train/dev/test; test is unlabelled), superglue_boolq (BoolQ as yes/no
-                 classification of (question, passage); dev only). The "superglue_" prefix keeps
-                 it apart from the commonsense `boolq`, which is the same questions as generation.
+                 classification of (question, passage)). The "superglue_" prefix keeps it apart
+                 from the commonsense `boolq`, which is the same questions as generation.
+                 Only BoolQ's validation file exists offline, so superglue_boolq's "train" and
+                 "dev" are its two seeded halves (TaskSpec.halves: disjoint, fixed, 1,635 each):
+                 a pool for few-shot training and a test set, both with passages. The other
+                 training source here, commonsense/boolq/train.json (BoolQ's 9,427 training
+                 questions), carries no passages, so it would train a different task.
     commonsense  boolq piqa social_i_qa winogrande arc_easy arc_challenge openbookqa
                  (LLM-Adapters json, answered by generating "the correct answer is ...")
 Splits: "train", "dev" (GLUE dev.tsv / dev_matched.tsv, SuperGLUE val.jsonl), "test" where a
@@ -19,8 +24,11 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from mtlref.metrics import COMMONSENSE_TASKS, GLUE_TASKS, TASK_METRICS
 
@@ -67,6 +75,7 @@ class TaskSpec:
     unlabelled: tuple[str, ...] = ()              # splits whose file carries no labels
     metrics: tuple[str, ...] = ()
     parent: str = ""
+    halves: tuple[str, str] = ()                  # (split A, split B): the two seeded halves of one file
 
     def __post_init__(self):
         if not self.metrics:
@@ -121,7 +130,8 @@ _SUPERGLUE = [
               "test": "superglue/CB/test.jsonl"},
              Fields("premise", "hypothesis", "label", _CB), unlabelled=("test",)),
     TaskSpec("superglue_boolq", "superglue", "classification", ("False", "True"), ("No", "Yes"),
-             {"dev": "superglue/BoolQ/val.jsonl"}, Fields("question", "passage", "label", (False, True))),
+             {"train": "superglue/BoolQ/val.jsonl", "dev": "superglue/BoolQ/val.jsonl"},
+             Fields("question", "passage", "label", (False, True)), halves=("train", "dev")),
 ]
 _COMMONSENSE_DIRS = {"boolq": "boolq", "piqa": "piqa", "social_i_qa": "social_i_qa", "winogrande": "winogrande",
                      "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "openbookqa"}
@@ -286,7 +296,17 @@ def load_task(name: str, data_dir: str | Path, split: str) -> list[Example]:
     examples = _READERS[spec.benchmark](spec, path, split)
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty or holds only a header) for {name} {split}")
+    if split in spec.halves:
+        return _half(examples, name, spec.halves.index(split))
     return examples
+
+
+def _half(examples: list[Example], task: str, which: int) -> list[Example]:
+    """Half `which` (0 or 1) of a file's examples under a permutation fixed by the task's name
+    (never by a run's seed: the halves must stay disjoint across runs), each in file order."""
+    order = np.random.default_rng(zlib.crc32(f"halves:{task}".encode())).permutation(len(examples))
+    first = set(order[: len(examples) // 2].tolist())
+    return [e for i, e in enumerate(examples) if (i in first) == (which == 0)]
 
 
 def load_tasks(names, data_dir: str | Path) -> dict[str, dict[str, list[Example]]]:
