@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from mtlref import grid as G  # noqa: E402
 
 TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
-              "qnli": "QNLI", "rte": "RTE"}
+              "qnli": "QNLI", "rte": "RTE", "cb": "CB", "superglue_boolq": "BoolQ"}
 # The bench's method name of a variant, for its step time relative to LoRA (same model and batch).
 BENCH_NAME = {"lora-st": "lora", "lora-mt": "lora", "dora": "dora", "multilora": "multilora", "moelora": "moelora",
               "mixlora": "mixlora", "mtl-lora": "mtl-lora", "more": "more", "more-official": "more"}
@@ -48,7 +48,8 @@ def machines_line(records: list[dict]) -> str:
 
 
 def table(summary: dict, order: list[str], bench: dict | None, reference: str | None) -> list[str]:
-    tasks = [t for t in TASK_NAMES if any(t in s["tasks"] for s in summary.values())]
+    found = [t for s in summary.values() for t in s["tasks"] if t != "mnli_mm"]
+    tasks = [t for t in TASK_NAMES if t in found] + sorted({t for t in found if t not in TASK_NAMES})
     head = ["variant", "seeds"] + [TASK_NAMES[t] for t in tasks] + ["average", "trainable %", "step × LoRA"]
     if reference:
         head.append(f"vs {reference} (paired t over seeds)")

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid", help="a grid file (experiments/grids/*.json)")
     p.add_argument("--jobs", type=int, default=1, help="cells at a time; the cores are shared out between them")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per cell (default: the cores shared out between the --jobs cells)")
     p.add_argument("--device", default=None, help="passed to train.py (e.g. cuda); default: train.py's")
     p.add_argument("--variants", default=None, help="comma list: only these variants")
     p.add_argument("--seeds", default=None, help="comma list: only these seeds")
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     todo = G.cells(grid, args.variants.split(",") if args.variants else None,
                    [int(s) for s in args.seeds.split(",")] if args.seeds else None)
     left = [c for c in todo if not c.result(Path(args.results)).is_file()]
-    threads = G.threads_per_cell(args.jobs)
+    threads = args.threads or G.threads_per_cell(args.jobs)
     minutes = G.planned_minutes(grid, threads)
     print(f"[{grid['name']}] {len(todo)} cells, {len(left)} without results; planned {minutes:g} min per cell at "
           f"{threads} thread(s) (the grid file's estimate): "
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
                        check=True)
 
     failed = G.run_grid(grid, todo, Path(args.runs), Path(args.results), args.jobs, args.device, args.save_every,
-                        sys.executable, commit if args.commit else None, log=lambda m: print(m, flush=True))
+                        sys.executable, commit if args.commit else None, log=lambda m: print(m, flush=True),
+                        threads=threads)
     if failed:
         print(f"[{grid['name']}] {len(failed)} cells failed: {', '.join(failed)}; the same command retries them",
               flush=True)

@@ -190,10 +190,12 @@ def fmt_minutes(s: float) -> str:
 
 
 def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int = 1, device: str | None = None,
-             save_every: int = 100, python: str = "python", on_done=None, log=print) -> list[str]:
-    """Run the cells without a result file, `jobs` at a time; returns the names of those that failed.
-    A progress line per start and finish: which cell, its ETA, the grid's ETA."""
-    threads = threads_per_cell(jobs)
+             save_every: int = 100, python: str = "python", on_done=None, log=print,
+             threads: int | None = None) -> list[str]:
+    """Run the cells without a result file, `jobs` at a time (`threads` torch threads each, by
+    default the cores shared out); returns the names of those that failed. A progress line per
+    start and finish: which cell, its ETA, the grid's ETA."""
+    threads = threads or threads_per_cell(jobs)
     pending = [c for c in todo if not c.result(results).is_file()]
     skipped = len(todo) - len(pending)
     if skipped:
