@@ -52,10 +52,14 @@ def main(argv=None) -> int:
             print(f"  {c.name}: {G.shell_line(argv, env)}")
         return 0
 
-    def commit(cell, path):
-        subprocess.run(["git", "add", str(path)], cwd=ROOT, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"experiments: cell {cell.name}", "--", str(path)], cwd=ROOT,
-                       check=True)
+    def commit(cell, path):               # a failed commit (another git command holding the lock) is said, not fatal
+        for cmd in (["git", "add", str(path)], ["git", "commit", "-q", "-m", f"experiments: cell {cell.name}", "--",
+                                                 str(path)]):
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"[{grid['name']}] could not commit {path} ({done.stderr.strip()[:200]}); commit it by hand",
+                      flush=True)
+                return
 
     failed = G.run_grid(grid, todo, Path(args.runs), Path(args.results), args.jobs, args.device, args.save_every,
                         sys.executable, commit if args.commit else None, log=lambda m: print(m, flush=True),
