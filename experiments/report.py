@@ -177,6 +177,26 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     return L
 
 
+def plan_section(records: list[dict]) -> list[str]:
+    """Every grid file's cells: how many have results, and what the rest needs (the grid file's
+    minutes per cell, measured on this project's 2-core CPU machine)."""
+    L = ["## The grids and what is left of them", "",
+         "| grid | cells | finished | left | planned minutes per cell (1 / 2 threads) | left, 2 cores, 2 cells at a time |",
+         "|---|---:|---:|---:|---|---:|"]
+    done = {(r["grid"], r["variant"], r["seed"]) for r in records}
+    for path in sorted((ROOT / "experiments" / "grids").glob("*.json")):
+        grid = G.load_grid(path)
+        cells = G.cells(grid)
+        left = [c for c in cells if (c.grid, c.variant, c.seed) not in done]
+        one, two = G.planned_minutes(grid, 1), G.planned_minutes(grid, 2)
+        L.append(f"| `{grid['name']}` | {len(cells)} | {len(cells) - len(left)} | {len(left)} | {one:g} / {two:g} | "
+                 f"{G.fmt_minutes(60 * one * -(-len(left) // 2))} |")
+    L += ["", "On a GPU the whole of it is one command per grid, e.g. `python experiments/run.py "
+          "experiments/grids/main.json --device cuda --jobs 4` (then `fewshot.json`, which starts from the main "
+          "grid's seed-0 runs).", ""]
+    return L
+
+
 def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = None) -> str:
     analyses = analyses or Path(results).parent / "analyses"
     records = G.load_results(results)
@@ -197,6 +217,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     L += [f"**Cells finished: {len(records)}**, {total_wall / 3600:.2f} h of wall time summed over cells, "
           f"{total_cpu / 3600:.2f} core-hours (wall × threads). Where they ran: {machines_line(records) or 'nowhere yet'}.",
           ""]
+    L += plan_section(records)
     for name, rs in grids.items():
         summary = G.summarise(rs)
         order = [v for v in json.loads((ROOT / "experiments" / "grids" / f"{name}.json").read_text())["variants"]

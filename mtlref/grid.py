@@ -143,7 +143,7 @@ def machine(device: str | None) -> dict:
 
 
 def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, resumed: bool,
-           device: str | None) -> dict:
+           device: str | None, git: dict | None = None) -> dict:
     """The cell's result file: what ran, where, for how long, and what it measured. Read from the
     run's own metrics.json (and adapter_config.json's MoRE rank maps); weights stay in `runs`."""
     out = cell.out(runs)
@@ -157,7 +157,7 @@ def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, re
             if c.is_file() and "rank_maps" in json.loads(c.read_text()):
                 per_task[d.name] = json.loads(c.read_text())["rank_maps"]
     return {"schema": SCHEMA, "grid": cell.grid, "variant": cell.variant, "seed": cell.seed,
-            "command": shell_line(argv, env), "argv": argv, "env": env, "git": git_state(),
+            "command": shell_line(argv, env), "argv": argv, "env": env, "git": git or git_state(),
             "machine": machine(device), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
             "wall_s": round(wall_s, 1), "resumed": resumed,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -213,14 +213,14 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
             stdout = open(cell.out(runs).parent / f"s{cell.seed}.log", "a")
             proc = subprocess.Popen([python, *argv] + (["--resume"] if resumed else []), cwd=ROOT,
                                     env={**os.environ, **env}, stdout=stdout, stderr=subprocess.STDOUT)
-            running[proc] = (cell, argv, env, resumed, time.monotonic(), stdout)
+            running[proc] = (cell, argv, env, resumed, time.monotonic(), stdout, git_state())   # the code it runs
             left = len(pending) + len(running)
             log(f"[{grid['name']}] start {cell.name}{' (resuming)' if resumed else ''}: "
                 f"{threads} thread(s); ETA this cell {fmt_minutes(estimate())}, the grid's "
                 f"{fmt_minutes(estimate() * math.ceil(left / jobs))} ({left} cells left, {jobs} at a time)")
         time.sleep(0.2)
         for proc in [p for p in running if p.poll() is not None]:
-            cell, argv, env, resumed, t0, stdout = running.pop(proc)
+            cell, argv, env, resumed, t0, stdout, git = running.pop(proc)
             stdout.close()
             wall = time.monotonic() - t0
             if proc.returncode != 0:
@@ -229,7 +229,7 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
                 log(f"[{grid['name']}] FAILED {cell.name} (exit {proc.returncode}); the end of its log, "
                     f"{cell.out(runs).parent / f's{cell.seed}.log'}:\n{tail}")
                 continue
-            res = record(cell, argv, env, runs, wall, resumed, device)
+            res = record(cell, argv, env, runs, wall, resumed, device, git)
             write_atomic(cell.result(results), res)
             walls.append(wall)
             done += 1

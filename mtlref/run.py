@@ -418,7 +418,7 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "head_params": head_params, "steps": steps, "wall_s": round(time.time() - t_start, 1),
                "threads": torch.get_num_threads(), "openmp": {k: os.environ.get(k) for k in OPENMP_ENV},
-               "settings": dict(s)}
+               "precision": args.precision, "device": str(device), "settings": dict(s)}
     if main:
         write_outputs(model.backbone, out, heads, extra_config, metrics, steps)
         print_table(reported, f"{method}{' ' + task if task else ''} — {metrics['split']} set, checkpoint of "

@@ -333,9 +333,10 @@ def test_the_clis_shorten_openmps_spin_before_torch_starts():
         assert spin < first_torch and "setdefault" in lines[spin], script
 
 
-def test_a_run_records_its_threads(tiny_bert, tiny_tasks, tmp_path):
+def test_a_run_records_its_threads_precision_and_device(tiny_bert, tiny_tasks, tmp_path):
     m = train_cli.main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--max-steps", "1",
                         "--batch-size", "4", "--max-length", "16", "--out", str(tmp_path / "r")])
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["threads"] == m["threads"] == torch.get_num_threads()
     assert saved["openmp"]["GOMP_SPINCOUNT"] == __import__("os").environ["GOMP_SPINCOUNT"]
+    assert (saved["precision"], saved["device"]) == ("auto", "cpu")             # what the arithmetic ran in
