@@ -50,7 +50,7 @@ def machines_line(records: list[dict]) -> str:
 def table(summary: dict, order: list[str], bench: dict | None, reference: str | None) -> list[str]:
     found = [t for s in summary.values() for t in s["tasks"] if t != "mnli_mm"]
     tasks = [t for t in TASK_NAMES if t in found] + sorted({t for t in found if t not in TASK_NAMES})
-    head = ["variant", "seeds"] + [TASK_NAMES[t] for t in tasks] + ["average", "trainable %", "step × LoRA"]
+    head = ["variant", "seeds"] + [TASK_NAMES.get(t, t) for t in tasks] + ["average", "trainable %", "step × LoRA"]
     if reference:
         head.append(f"vs {reference} (paired t over seeds)")
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]

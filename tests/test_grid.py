@@ -103,6 +103,11 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
         avg = G.mean_std([r["metrics"]["average"] for r in recs if r["variant"] == variant])
         assert f"**{avg[0]:.4f} ± {avg[1]:.4f}**" in text, variant
     assert "**Cells finished: 4**" in text and "## Grid `tiny`" in text and "paired t-test" in text
+    row = next(line for line in text.splitlines() if line.startswith("| more | 2 |"))
+    for task in ("sentiment", "pair"):                    # each task's mean ± std over the two seeds
+        ms = G.mean_std([G.main_metric(r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
+        assert f"{ms[0]:.4f} ± {ms[1]:.4f}" in row, task
+    assert "| variant | seeds | pair | sentiment | average |" in text            # tasks outside GLUE: sorted
 
 
 def test_a_stored_command_reruns_its_cell_to_the_same_metrics(tiny_bert, tiny_tasks, tmp_path):
