@@ -171,6 +171,15 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
             L.append(f"| `{name}` | {r['method']} | `{r['module']}` | {r['low']['macro_f1']:.3f} ({r['low']['dim']}) | "
                      f"{r['full']['macro_f1']:.3f} ({r['full']['dim']}) |")
         L.append("")
+        by = {r["method"]: r for r in res["runs"].values()}
+        if "lora" in by and "mtl-lora" in by:
+            for space, what in (("low", "low-rank"), ("full", "full-rank")):
+                d = by["mtl-lora"][space]["macro_f1"] - by["lora"][space]["macro_f1"]
+                L.append(f"- MTL-LoRA (Table 6): MTL-LoRA's {what} features tell the tasks apart better than "
+                         f"LoRA-MT's. Here {by['mtl-lora'][space]['macro_f1']:.3f} against "
+                         f"{by['lora'][space]['macro_f1']:.3f} ({d:+.3f}): {'agrees' if d > 0 else 'does not agree'} "
+                         "(one seed, one split of the probe).")
+            L.append("")
         fig = tsne_figure(res, figs / f"{f.stem}-tsne.png")
         if fig:
             L += [f"![t-SNE of the features]({rel(fig)})", ""]
@@ -229,7 +238,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
         L += [f"## Grid `{name}`", "", about, "",
               f"{len(rs)} cells; {sum(r['wall_s'] for r in rs) / 3600:.2f} h wall summed; {machines_line(rs)}. "
               f"Split: {rs[0]['metrics'].get('split')}; steps per cell: "
-              f"{sorted({r['metrics'].get('steps') for r in rs})}. Papers' metrics: MCC for CoLA, Pearson for "
+              f"{', '.join(sorted({json.dumps(r['metrics'].get('steps')) for r in rs}))} (LoRA-ST: per task). "
+              "Papers' metrics: MCC for CoLA, Pearson for "
               "STS-B, accuracy otherwise; mean ± sample standard deviation over seeds.", ""]
         L += table(summary, order, bench, ref) + [""]
         if ref:
@@ -246,8 +256,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                     d = summary[v]["average"][0] - summary[r_]["average"][0]
                     t = G.paired_t(summary[v]["seeds"], summary[r_]["seeds"])
                     verdict = ("agrees" if d > 0 else "does not agree") + (
-                        "" if t is None else (", beyond the seed spread" if t["significant"] else
-                                              ", but within the seed spread"))
+                        " in sign, on fewer than 2 shared seeds (no test yet)" if t is None else
+                        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
                     L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average "
                              f"({compare(summary, v, r_)}): {verdict}.")
                 L.append("")
