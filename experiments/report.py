@@ -47,12 +47,14 @@ def machines_line(records: list[dict]) -> str:
                      for (m, c, t, v), rs in seen.items())
 
 
-def table(summary: dict, order: list[str], bench: dict | None, reference: str | None) -> list[str]:
+def table(summary: dict, order: list[str], bench: dict | None, reference) -> list[str]:
+    """reference: a variant every row is compared with, or a function variant -> its reference."""
+    ref_of = reference if callable(reference) else (lambda v: reference)
     found = [t for s in summary.values() for t in s["tasks"] if t != "mnli_mm"]
     tasks = [t for t in TASK_NAMES if t in found] + sorted({t for t in found if t not in TASK_NAMES})
     head = ["variant", "seeds"] + [TASK_NAMES.get(t, t) for t in tasks] + ["average", "trainable %", "step × LoRA"]
     if reference:
-        head.append(f"vs {reference} (paired t over seeds)")
+        head.append(f"vs {reference if isinstance(reference, str) else 'the reference'} (paired t over seeds)")
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for v in order:
         s = summary[v]
@@ -63,7 +65,9 @@ def table(summary: dict, order: list[str], bench: dict | None, reference: str | 
         cells += [f"**{pm(s['average'], s['n'])}**", f"{s['trainable_percent']:.3f}" if s["trainable_percent"] else "–",
                   step]
         if reference:
-            cells.append(compare(summary, v, reference))
+            r = ref_of(v)
+            named = callable(reference) and r in summary and r != v
+            cells.append(f"vs `{r}`: " + compare(summary, v, r) if named else compare(summary, v, r))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -89,7 +93,7 @@ def rank_figure(records: list[dict], path: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(r["rank_maps"])
-    tasks = list(r["metrics"]["tasks"])
+    tasks = [t for t in r["metrics"]["tasks"] if t != "mnli_mm"]          # mnli_mm uses mnli's id: no row
     m = [[r["rank_maps"][n][t] for n in names] for t in range(len(tasks))]
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
     im = ax.imshow(m, aspect="auto", cmap="viridis")
@@ -235,16 +239,20 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             if (ROOT / "experiments" / "grids" / f"{name}.json").is_file() else ""
         ref = "lora-mt" if "lora-mt" in summary else None
         ref = rs[0]["variant"] if ref is None and name.startswith("ablation") else ref
+        if name == "fewshot":                          # MoRE against LoRA-MT at the same task and k
+            ref = lambda v: v.replace("more-", "lora-mt-", 1)  # noqa: E731
         L += [f"## Grid `{name}`", "", about, "",
               f"{len(rs)} cells; {sum(r['wall_s'] for r in rs) / 3600:.2f} h wall summed; {machines_line(rs)}. "
               f"Split: {rs[0]['metrics'].get('split')}; steps per cell: "
-              f"{', '.join(sorted({json.dumps(r['metrics'].get('steps')) for r in rs}))} (LoRA-ST: per task). "
+              f"{', '.join(sorted({json.dumps(r['metrics'].get('steps')) for r in rs}))}"
+              f"{' (LoRA-ST: per task)' if any(isinstance(r['metrics'].get('steps'), dict) for r in rs) else ''}. "
               "Papers' metrics: MCC for CoLA, Pearson for "
               "STS-B, accuracy otherwise; mean ± sample standard deviation over seeds.", ""]
         L += table(summary, order, bench, ref) + [""]
         if ref:
-            L += [f"The last column: a paired t-test over the seeds both variants ran, on the GLUE average, "
-                  f"against `{ref}` (two-sided, 95 %).", ""]
+            L += [f"The last column: a paired t-test over the seeds both variants ran, on the average, against "
+                  + (f"`{ref}`" if isinstance(ref, str) else "LoRA-MT at the same task and k") + " (two-sided, 95 %).",
+                  ""]
         if name == "main":
             f = average_figure(summary, order, figs / "main-averages.png")
             if f:
