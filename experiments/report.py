@@ -206,7 +206,9 @@ def plan_section(records: list[dict]) -> list[str]:
                  f"{G.fmt_minutes(60 * one * -(-len(left) // 2))} |")
     L += ["", "On a GPU the whole of it is one command per grid, e.g. `python experiments/run.py "
           "experiments/grids/main.json --device cuda --jobs 4` (then `fewshot.json`, which starts from the main "
-          "grid's seed-0 runs).", ""]
+          "grid's seed-0 runs).", "",
+          "Not built yet: MoRE's Figure 2c (the task embeddings' projection) and bootstrap intervals over test "
+          "examples (the comparisons below are paired t-tests over seeds).", ""]
     return L
 
 
@@ -268,6 +270,19 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                         (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
                     L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average "
                              f"({compare(summary, v, r_)}): {verdict}.")
+                L.append("")
+        if name == "fewshot":
+            pairs = [(v, ref(v)) for v in order if v.startswith("more-") and ref(v) in summary]
+            if pairs:
+                L += ["### What agrees with MoRE's Table 4 and what does not", ""]
+                for v, r_ in pairs:
+                    t = G.paired_t(summary[v]["seeds"], summary[r_]["seeds"])
+                    d = summary[v]["average"][0] - summary[r_]["average"][0]
+                    verdict = ("agrees" if d > 0 else "does not agree") + (
+                        " in sign (no test)" if t is None else
+                        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+                    L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
+                             f"{d:+.4f}: {verdict}.")
                 L.append("")
         f = rank_figure(rs, figs / f"{name}-more-ranks.png")
         if f:
