@@ -83,6 +83,15 @@ def compare(summary: dict, v: str, ref: str) -> str:
             + ("**exceeds the seed spread**" if t["significant"] else "within the seed spread"))
 
 
+def verdict(summary: dict, v: str, ref: str) -> tuple[float, str]:
+    """(mean difference of the averages, whether it agrees with a paper saying v > ref, and how surely)."""
+    d = summary[v]["average"][0] - summary[ref]["average"][0]
+    t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
+    return d, ("agrees" if d > 0 else "does not agree") + (
+        " in sign, on fewer than 2 shared seeds (no test yet)" if t is None else
+        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+
+
 def rank_figure(records: list[dict], path: Path) -> str | None:
     """MoRE Figure 2a: the rank each task chose in each adapted module (seed 0's MoRE cell)."""
     r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == "more"),
@@ -263,26 +272,18 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             if claims:
                 L += ["### What agrees with the papers and what does not", ""]
                 for v, r_, paper in claims:
-                    d = summary[v]["average"][0] - summary[r_]["average"][0]
-                    t = G.paired_t(summary[v]["seeds"], summary[r_]["seeds"])
-                    verdict = ("agrees" if d > 0 else "does not agree") + (
-                        " in sign, on fewer than 2 shared seeds (no test yet)" if t is None else
-                        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+                    d, said = verdict(summary, v, r_)
                     L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average "
-                             f"({compare(summary, v, r_)}): {verdict}.")
+                             f"({compare(summary, v, r_)}): {said}.")
                 L.append("")
         if name == "fewshot":
             pairs = [(v, ref(v)) for v in order if v.startswith("more-") and ref(v) in summary]
             if pairs:
                 L += ["### What agrees with MoRE's Table 4 and what does not", ""]
                 for v, r_ in pairs:
-                    t = G.paired_t(summary[v]["seeds"], summary[r_]["seeds"])
-                    d = summary[v]["average"][0] - summary[r_]["average"][0]
-                    verdict = ("agrees" if d > 0 else "does not agree") + (
-                        " in sign (no test)" if t is None else
-                        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+                    d, said = verdict(summary, v, r_)
                     L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
-                             f"{d:+.4f}: {verdict}.")
+                             f"{d:+.4f}: {said}.")
                 L.append("")
         f = rank_figure(rs, figs / f"{name}-more-ranks.png")
         if f:
