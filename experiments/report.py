@@ -244,10 +244,10 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     L += plan_section(records)
     for name, rs in grids.items():
         summary = G.summarise(rs)
-        order = [v for v in json.loads((ROOT / "experiments" / "grids" / f"{name}.json").read_text())["variants"]
-                 if v in summary] if (ROOT / "experiments" / "grids" / f"{name}.json").is_file() else sorted(summary)
-        about = json.loads((ROOT / "experiments" / "grids" / f"{name}.json").read_text()).get("about", "") \
-            if (ROOT / "experiments" / "grids" / f"{name}.json").is_file() else ""
+        path = ROOT / "experiments" / "grids" / f"{name}.json"
+        spec = json.loads(path.read_text()) if path.is_file() else {"variants": sorted(summary)}  # a test's grid
+        order = [v for v in spec["variants"] if v in summary]
+        about = spec.get("about", "")
         ref = "lora-mt" if "lora-mt" in summary else None
         ref = rs[0]["variant"] if ref is None and name.startswith("ablation") else ref
         if name == "fewshot":                          # MoRE against LoRA-MT at the same task and k

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import time
@@ -31,7 +30,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from mtlref import bench
+from mtlref.adapters import write_atomic
+from mtlref.metrics import TASK_METRICS
+from mtlref.metrics import main_metric as metric_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -50,6 +52,10 @@ class Cell:
 
     def out(self, runs: Path) -> Path:
         return Path(runs) / self.grid / self.variant / f"s{self.seed}"
+
+    def log(self, runs: Path) -> Path:
+        """train.py's output, beside the run directory (appended to when a cell resumes)."""
+        return self.out(runs).parent / f"s{self.seed}.log"
 
     def result(self, results: Path) -> Path:
         return Path(results) / self.grid / f"{self.variant}__s{self.seed}.json"
@@ -126,22 +132,6 @@ def git_state(root: Path = ROOT) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
-def machine(device: str | None) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "device": device or "cpu"}
-    if device and device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, resumed: bool,
            device: str | None, git: dict | None = None) -> dict:
     """The cell's result file: what ran, where, for how long, and what it measured. Read from the
@@ -158,19 +148,12 @@ def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, re
                 per_task[d.name] = json.loads(c.read_text())["rank_maps"]
     return {"schema": SCHEMA, "grid": cell.grid, "variant": cell.variant, "seed": cell.seed,
             "command": shell_line(argv, env), "argv": argv, "env": env, "git": git or git_state(),
-            "machine": machine(device), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
+            "machine": bench.machine(device or "cpu"), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
             "wall_s": round(wall_s, 1), "resumed": resumed,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "method": metrics.get("method"), "trainable_params": metrics.get("trainable_params"),
             "trainable_percent": metrics.get("trainable_percent"), "metrics": metrics,
             "rank_maps": config.get("rank_maps") or per_task or None}
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def planned_minutes(grid: dict, threads: int) -> float:
@@ -200,8 +183,8 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
     skipped = len(todo) - len(pending)
     if skipped:
         log(f"[{grid['name']}] {skipped} of {len(todo)} cells already have results; not run again")
-    walls = [json.loads(c.result(results).read_text())["wall_s"] for c in todo if c.result(results).is_file()
-             and json.loads(c.result(results).read_text()).get("threads") == threads]
+    finished = [json.loads(c.result(results).read_text()) for c in todo if c.result(results).is_file()]
+    walls = [r["wall_s"] for r in finished if r.get("threads") == threads]
     estimate = lambda: (sum(walls) / len(walls)) if walls else 60.0 * planned_minutes(grid, threads)  # noqa: E731
     running, failed, done = {}, [], 0
     while pending or running:
@@ -210,7 +193,7 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
             argv, env = command(cell, runs, threads, device, save_every)
             resumed = (cell.out(runs) / "checkpoint" / "state.safetensors").is_file()
             cell.out(runs).mkdir(parents=True, exist_ok=True)
-            stdout = open(cell.out(runs).parent / f"s{cell.seed}.log", "a")
+            stdout = open(cell.log(runs), "a")
             proc = subprocess.Popen([python, *argv] + (["--resume"] if resumed else []), cwd=ROOT,
                                     env={**os.environ, **env}, stdout=stdout, stderr=subprocess.STDOUT)
             running[proc] = (cell, argv, env, resumed, time.monotonic(), stdout, git_state())   # the code it runs
@@ -225,12 +208,14 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
             wall = time.monotonic() - t0
             if proc.returncode != 0:
                 failed.append(cell.name)
-                tail = (cell.out(runs).parent / f"s{cell.seed}.log").read_text(errors="replace")[-1500:]
+                tail = cell.log(runs).read_text(errors="replace")[-1500:]
                 log(f"[{grid['name']}] FAILED {cell.name} (exit {proc.returncode}); the end of its log, "
-                    f"{cell.out(runs).parent / f's{cell.seed}.log'}:\n{tail}")
+                    f"{cell.log(runs)}:\n{tail}")
                 continue
             res = record(cell, argv, env, runs, wall, resumed, device, git)
-            write_atomic(cell.result(results), res)
+            path = cell.result(results)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1) + "\n"))
             walls.append(wall)
             done += 1
             log(f"[{grid['name']}] done {cell.name} in {fmt_minutes(wall)}: average "
@@ -269,12 +254,10 @@ def paired_t(a: dict[int, float], b: dict[int, float]) -> dict | None:
     return {"n": len(d), "mean_diff": m, "t": t, "critical": T975[len(d) - 1], "significant": abs(t) > T975[len(d) - 1]}
 
 
-def main_metric(task_metrics: dict) -> float:
-    """The papers' metric of one task: MCC for CoLA, Pearson for STS-B, accuracy otherwise."""
-    for k in ("mcc", "pearson", "accuracy"):
-        if k in task_metrics:
-            return task_metrics[k]
-    return next(iter(task_metrics.values()))
+def main_metric(task: str, task_metrics: dict) -> float:
+    """The task's main metric (mtlref.metrics: MCC for CoLA, Pearson for STS-B, accuracy else);
+    a user's own task lists its main metric first, as its run wrote it."""
+    return task_metrics[metric_name(task) if task in TASK_METRICS else next(iter(task_metrics))]
 
 
 def summarise(records: list[dict]) -> dict:
@@ -287,7 +270,8 @@ def summarise(records: list[dict]) -> dict:
         rs.sort(key=lambda r: r["seed"])
         tasks = list(rs[0]["metrics"]["tasks"])
         out[v] = {"n": len(rs), "seeds": {r["seed"]: r["metrics"]["average"] for r in rs},
-                  "tasks": {t: mean_std([main_metric(r["metrics"]["tasks"][t]) for r in rs if t in r["metrics"]["tasks"]])
+                  "tasks": {t: mean_std([main_metric(t, r["metrics"]["tasks"][t]) for r in rs
+                                         if t in r["metrics"]["tasks"]])
                             for t in tasks},
                   "average": mean_std([r["metrics"]["average"] for r in rs]),
                   "method": rs[0].get("method"), "trainable_percent": rs[0].get("trainable_percent"),

@@ -105,7 +105,7 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
     assert "**Cells finished: 4**" in text and "## Grid `tiny`" in text and "paired t-test" in text
     row = next(line for line in text.splitlines() if line.startswith("| more | 2 |"))
     for task in ("sentiment", "pair"):                    # each task's mean ± std over the two seeds
-        ms = G.mean_std([G.main_metric(r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
+        ms = G.mean_std([G.main_metric(task, r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
         assert f"{ms[0]:.4f} ± {ms[1]:.4f}" in row, task
     assert "| variant | seeds | pair | sentiment | average |" in text            # tasks outside GLUE: sorted
 

@@ -205,6 +205,17 @@ def cli(*args: str, out: Path, model: Path, tasks: Path, procs: int = 0, extra_e
     return cmd, env
 
 
+def kill_at_checkpoint(cmd: list[str], env: dict, step: int) -> None:
+    """Start train.py and SIGKILL it as soon as it says it wrote the step-`step` checkpoint."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"checkpoint step {step}"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 def run_ok(*args, **kw) -> subprocess.CompletedProcess:
     cmd, env = cli(*args, **kw)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -261,13 +272,7 @@ def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_pat
     assert json.loads((tmp_path / "whole" / "adapter_config.json").read_text())["dropout"] == dropout
 
     cmd, env = cli(*flags, out=tmp_path / "killed", model=tiny_bert, tasks=tiny_tasks)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("checkpoint step 10"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_checkpoint(cmd, env, 10)
     assert not (tmp_path / "killed" / "adapter.safetensors").exists()
     info, _ = read_checkpoint(tmp_path / "killed" / "checkpoint")
     assert 10 <= info["step"] < 80
@@ -315,14 +320,7 @@ def test_minilm_runs_repeat_and_resume_bit_for_bit(tmp_path):
     whole = subprocess.run(flags + ["--out", str(tmp_path / "whole")], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    proc = subprocess.Popen(flags + ["--out", str(tmp_path / "killed")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("checkpoint step 8"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_checkpoint(flags + ["--out", str(tmp_path / "killed")], env, 8)
     resumed = subprocess.run(flags + ["--out", str(tmp_path / "killed"), "--resume"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
