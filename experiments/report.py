@@ -92,31 +92,39 @@ def verdict(summary: dict, v: str, ref: str) -> tuple[float, str]:
         (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
 
 
+def short_module(n: str) -> str:
+    return (n.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "ao")
+            .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out"))
+
+
+def heat_map(m: list[list[int]], tasks: list[str], names: list[str], title: str, path: Path) -> str:
+    """A task × module map of chosen ranks (MoRE Figure 2a/2b)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
+    im = ax.imshow(m, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(tasks)), [TASK_NAMES.get(t, t) for t in tasks])
+    ax.set_xticks(range(len(names)), [short_module(n) for n in names], rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, label="chosen rank r_t")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def rank_figure(records: list[dict], path: Path) -> str | None:
     """MoRE Figure 2a: the rank each task chose in each adapted module (seed 0's MoRE cell)."""
     r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == "more"),
              None)
     if r is None or importlib.util.find_spec("matplotlib") is None:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     names = list(r["rank_maps"])
     tasks = [t for t in r["metrics"]["tasks"] if t != "mnli_mm"]          # mnli_mm uses mnli's id: no row
     m = [[r["rank_maps"][n][t] for n in names] for t in range(len(tasks))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
-    im = ax.imshow(m, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(tasks)), [TASK_NAMES.get(t, t) for t in tasks])
-    short = [n.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "ao")
-             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out") for n in names]
-    ax.set_xticks(range(len(names)), short, rotation=90, fontsize=6)
-    fig.colorbar(im, ax=ax, label="chosen rank r_t")
-    ax.set_title(f"MoRE: rank chosen per task and module ({r['grid']}, seed {r['seed']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return heat_map(m, tasks, names, f"MoRE: rank chosen per task and module ({r['grid']}, seed {r['seed']})", path)
 
 
 def average_figure(summary: dict, order: list[str], path: Path) -> str | None:
@@ -199,6 +207,94 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     return L
 
 
+def pca_figure(res: dict, path: Path) -> str | None:
+    """MoRE Figure 2c: the task embeddings of the last block's attention modules, PCA to 2-D."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    mods = list(res["modules"].items())
+    fig, axes = plt.subplots(1, len(mods), figsize=(3.2 * len(mods), 3.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], mods):
+        for k, (t, (x, y)) in enumerate(zip(res["tasks"], m["pca"])):
+            ax.scatter([x], [y], color=f"C{k}", s=30)
+            ax.annotate(TASK_NAMES.get(t, t), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{'block ' + str(res['block']) + ', all attention' if name == 'all' else short_module(name)}\n"
+                     f"PC1 {m['explained'][0]:.0%}, PC2 {m['explained'][1]:.0%} of the variance", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def pair_rank(cos: list[list[float]], tasks: list[str], a: str, b: str) -> tuple[float, int, int]:
+    """(cosine of tasks a and b, its rank among all task pairs from the most similar = 1, pairs)."""
+    pairs = sorted((cos[i][j] for i in range(len(tasks)) for j in range(i + 1, len(tasks))), reverse=True)
+    c = cos[tasks.index(a)][tasks.index(b)]
+    return c, pairs.index(c) + 1, len(pairs)
+
+
+def embeddings_section(analyses: Path, figs: Path, rel) -> list[str]:
+    """MoRE Figure 2b/2c from experiments/embeddings.py's JSON files."""
+    files = sorted(analyses.glob("embeddings-*.json"))
+    L = ["## MoRE's task embeddings and rank experts (Figure 2b, 2c)", ""]
+    if not files:
+        return L + ["Not yet run: no `experiments/analyses/embeddings-*.json` "
+                    "(`python experiments/embeddings.py RUN --out ...`).", ""]
+    for f in files:
+        res = json.loads(f.read_text())
+        tasks, allm = res["tasks"], res["modules"]["all"]
+        cos = allm["cosine"]
+        mean_off = sum(cos[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j) / (
+            len(tasks) * (len(tasks) - 1))
+        L += [f"`{res['command']}`: the task embeddings e_t of block {res['block']}'s attention modules "
+              f"({', '.join(f'`{n}`' for n in res['modules'] if n != 'all')}), PCA of each and of the four side by "
+              f"side ({allm['dim']} numbers per task). PC1 + PC2 explain {allm['explained'][0]:.3f} + "
+              f"{allm['explained'][1]:.3f} of the variance of the side-by-side embeddings; {len(tasks)} points "
+              f"spread evenly over their {len(tasks) - 1} dimensions would give {1 / (len(tasks) - 1):.3f} each.", "",
+              "Cosine similarity of the side-by-side embeddings (two independent random directions of this size: "
+              f"0 ± {1 / allm['dim'] ** 0.5:.3f}; the mean over the pairs here is {mean_off:+.3f}, and "
+              f"{len(tasks)} directions as far apart as they can be, a regular simplex, give "
+              f"{-1 / (len(tasks) - 1):+.3f}):", "",
+              "| | " + " | ".join(TASK_NAMES.get(t, t) for t in tasks) + " | nearest |",
+              "|---|" + "---:|" * len(tasks) + "---|"]
+        for i, t in enumerate(tasks):
+            near = max((j for j in range(len(tasks)) if j != i), key=lambda j: cos[i][j])
+            L.append(f"| {TASK_NAMES.get(t, t)} | " + " | ".join(f"{c:+.3f}" if j != i else "–"
+                                                                for j, c in enumerate(cos[i]))
+                     + f" | {TASK_NAMES.get(tasks[near], tasks[near])} |")
+        L.append("")
+        if {"mrpc", "qnli", "stsb", "cola"} <= set(tasks):
+            c1, r1, n = pair_rank(cos, tasks, "mrpc", "qnli")
+            c2, r2, _ = pair_rank(cos, tasks, "stsb", "cola")
+            L += [f"- MoRE (Figure 2c): MRPC and QNLI cluster. Here their cosine is {c1:+.3f}, rank {r1} of {n} "
+                  f"pairs (1 = most similar): {'agrees' if r1 <= n // 4 else 'does not agree'} (our rule: "
+                  "in the most similar quarter of the pairs).",
+                  f"- MoRE (Figure 2c): STS-B and CoLA lie far apart. Here their cosine is {c2:+.3f}, rank {r2} of "
+                  f"{n}: {'agrees' if r2 > n - n // 4 else 'does not agree'} (our rule: in the least similar "
+                  "quarter).", ""]
+        fig = pca_figure(res, figs / f"{f.stem}-pca.png")
+        if fig:
+            L += [f"![PCA of the task embeddings]({rel(fig)})", ""]
+        names = sorted(res["scaled_rank_maps"])
+        moved = sum(a != b for n in names for a, b in zip(res["rank_maps"][n], res["scaled_rank_maps"][n]))
+        total = sum(len(res["rank_maps"][n]) for n in names)
+        L += [f"Figure 2b, our reading of \"scaled down the influence of experts 1-3\" (the paper gives no "
+              f"factor): each task's rank re-chosen with p_t of experts 1-3 multiplied by {res['scale_down']:g}. "
+              f"{moved} of {total} (task, module) choices change."]
+        if importlib.util.find_spec("matplotlib") is not None:
+            m = [[res["scaled_rank_maps"][n][t] for n in names] for t in range(len(tasks))]
+            fig = heat_map(m, tasks, names, f"MoRE: rank per task and module with experts 1-3 scaled by "
+                           f"{res['scale_down']:g}", figs / f"{f.stem}-scaled-ranks.png")
+            L += ["", f"![MoRE ranks with experts 1-3 scaled down]({rel(fig)})"]
+        L.append("")
+    return L
+
+
 def plan_section(records: list[dict]) -> list[str]:
     """Every grid file's cells: how many have results, and what the rest needs (the grid file's
     minutes per cell, measured on this project's 2-core CPU machine)."""
@@ -216,8 +312,8 @@ def plan_section(records: list[dict]) -> list[str]:
     L += ["", "On a GPU the whole of it is one command per grid, e.g. `python experiments/run.py "
           "experiments/grids/main.json --device cuda --jobs 4` (then `fewshot.json`, which starts from the main "
           "grid's seed-0 runs).", "",
-          "Not built yet: MoRE's Figure 2c (the task embeddings' projection) and bootstrap intervals over test "
-          "examples (the comparisons below are paired t-tests over seeds).", ""]
+          "Not built yet: bootstrap intervals over test examples (the comparisons below are paired t-tests "
+          "over seeds).", ""]
     return L
 
 
@@ -291,6 +387,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                   "MoRE's Figure 2a here: the rank r_t each task's gate chose in every adapted module "
                   "(argmax of p_t, from the run's adapter_config.json).", ""]
     L += probe_section(Path(analyses), figs, rel)
+    L += embeddings_section(Path(analyses), figs, rel)
     if importlib.util.find_spec("matplotlib") is None:
         L += ["Figures: not drawn, matplotlib is not importable (`pip install -e \".[analysis]\"`).", ""]
     text = "\n".join(L).rstrip() + "\n"

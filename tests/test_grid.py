@@ -202,3 +202,68 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
         assert f"| `{name}` | {run['method']} |" in text and f"{run['low']['macro_f1']:.3f} ({cfg['rank']})" in text
     assert "![t-SNE of the features](replication/probe-tiny-tsne.png)" in text
     assert (tmp_path / "doc" / "replication" / "probe-tiny-tsne.png").stat().st_size > 1000
+
+
+def load_cli(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pca_keeps_the_distances_of_points_in_a_plane():
+    """experiments/embeddings.py's PCA: points that lie in a 2-D plane of a 40-D space keep every
+    pairwise distance in their 2 coordinates, and the two shares of the variance sum to 1; a third
+    direction with variance takes its share."""
+    emb = load_cli("embeddings")
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(40, 2, generator=g, dtype=torch.float64))
+    plane = torch.randn(7, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0], dtype=torch.float64)
+    x = (plane @ basis.T + 5.0).numpy()                                   # offset: PCA must centre
+    xy, share = emb.pca_2d(x)
+    d = lambda a: ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1) ** 0.5  # noqa: E731
+    assert abs(d(xy) - d(x)).max() < 1e-9
+    assert abs(sum(share) - 1.0) < 1e-12 and share[0] > share[1]
+    third = torch.linalg.qr(torch.randn(40, 3, generator=g, dtype=torch.float64))[0][:, 2]
+    x3 = x + (torch.randn(7, 1, generator=g, dtype=torch.float64) * 0.5 * third).numpy()
+    assert sum(emb.pca_2d(x3)[1]) < 1.0 - 1e-3
+
+
+def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts(tiny_bert, tiny_tasks, tmp_path):
+    """experiments/embeddings.py on a tiny MoRE run: the last block's attention modules, one 2-D
+    point per task, the cosines of the stored e_t; Figure 2b's re-chosen ranks avoid experts 1-3
+    at scale 0 and are the trained map at scale 1; the report draws both figures."""
+    run = tmp_path / "more"
+    done = subprocess.run([sys.executable, "train.py", "--bench", "jsonl", "--jsonl", str(tiny_tasks), "--jsonl-dev",
+                           str(tiny_tasks), "--model", str(tiny_bert), "--method", "more", "--max-steps", "6",
+                           "--batch-size", "4", "--max-length", "16", "--lr", "5e-2", "--out", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    emb = load_cli("embeddings")
+    res = emb.analyse(run, 0.0)
+    _, specs, backbone, _, _ = emb.load_run(run)
+    ads = emb.adapters_of(backbone)
+    attn = sorted(n for n in ads if n.startswith("encoder.layer.1.") and ".attention." in n)
+    assert attn and list(res["modules"]) == attn + ["all"] and res["tasks"] == [s.name for s in specs]
+    for n in attn:
+        e = ads[n].task_embedding.detach().double()
+        cos = torch.nn.functional.cosine_similarity(e[:, None, :], e[None, :, :], dim=-1)
+        assert torch.allclose(torch.tensor(res["modules"][n]["cosine"], dtype=torch.float64), cos, atol=1e-4)
+        assert len(res["modules"][n]["pca"]) == len(specs)
+    assert res["modules"]["all"]["dim"] == sum(ads[n].task_embedding.shape[1] for n in attn)
+    assert set(res["scaled_rank_maps"]) == set(ads) and min(min(v) for v in res["scaled_rank_maps"].values()) > 3
+    assert emb.analyse(run, 1.0)["scaled_rank_maps"] == {n: a.rank_map().tolist() for n, a in ads.items()}
+    need_extra("matplotlib")
+    out = tmp_path / "analyses" / "embeddings-tiny.json"
+    assert emb.main([str(run), "--out", str(out)]) == 0
+    doc = tmp_path / "doc" / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
+                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    saved = json.loads(out.read_text())
+    moved = sum(a != b for n in saved["rank_maps"] for a, b in zip(saved["rank_maps"][n], saved["scaled_rank_maps"][n]))
+    assert f"{moved} of {sum(len(v) for v in saved['rank_maps'].values())} (task, module) choices change" in text
+    for fig in ("pca", "scaled-ranks"):
+        assert (tmp_path / "doc" / "replication" / f"embeddings-tiny-{fig}.png").stat().st_size > 1000
