@@ -153,6 +153,24 @@ def test_a_killed_grid_resumes_its_cell(tiny_bert, tiny_tasks, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)     # bit for bit
 
 
+def load_cli(name: str):
+    """An experiments/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def report_from_analyses(tmp_path: Path) -> str:
+    """experiments/report.py with no result files and tmp_path/analyses: the document's text."""
+    doc = tmp_path / "doc" / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
+                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return doc.read_text()
+
+
 def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_tasks, tmp_path):
     """experiments/probe.py on two tiny runs (LoRA-MT, MTL-LoRA): the features are A_t x (rank r)
     and the module's output (hidden size) averaged over real tokens, for every test example it
@@ -167,9 +185,7 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
                                "--max-length", "16", "--lr", "5e-2", "--out", str(runs[method])], cwd=ROOT,
                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("probe_cli", ROOT / "experiments" / "probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_cli("probe")
     cfg = json.loads((runs["lora"] / "adapter_config.json").read_text())
     hidden = json.loads((tiny_bert / "config.json").read_text())["hidden_size"]
     feats = {m: probe.features(runs[m], per_task=3, seed=0, module=None, data_dir=None) for m in runs}
@@ -192,23 +208,11 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
             r = run[space]
             assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["tsne"]) == 20
             assert r["n_train"] == 8 and r["n_test"] == 12                 # 40 / 60 of 20 examples
-    doc = tmp_path / "doc" / "REPLICATION.md"
-    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
-                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = doc.read_text()
+    text = report_from_analyses(tmp_path)
     for name, run in res["runs"].items():
         assert f"| `{name}` | {run['method']} |" in text and f"{run['low']['macro_f1']:.3f} ({cfg['rank']})" in text
     assert "![t-SNE of the features](replication/probe-tiny-tsne.png)" in text
     assert (tmp_path / "doc" / "replication" / "probe-tiny-tsne.png").stat().st_size > 1000
-
-
-def load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_pca_keeps_the_distances_of_points_in_a_plane():
@@ -256,12 +260,7 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
     need_extra("matplotlib")
     out = tmp_path / "analyses" / "embeddings-tiny.json"
     assert emb.main([str(run), "--out", str(out)]) == 0
-    doc = tmp_path / "doc" / "REPLICATION.md"
-    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
-                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = doc.read_text()
+    text = report_from_analyses(tmp_path)
     saved = json.loads(out.read_text())
     moved = sum(a != b for n in saved["rank_maps"] for a, b in zip(saved["rank_maps"][n], saved["scaled_rank_maps"][n]))
     assert f"{moved} of {sum(len(v) for v in saved['rank_maps'].values())} (task, module) choices change" in text
