@@ -347,7 +347,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
         ref = "lora-mt" if "lora-mt" in summary else None
         ref = rs[0]["variant"] if ref is None and name.startswith("ablation") else ref
         if name == "fewshot":                          # MoRE against LoRA-MT at the same task and k
-            ref = lambda v: v.replace("more-", "lora-mt-", 1)  # noqa: E731
+            ref = lambda v: v.replace("more-", "lora-mt-", 1).removesuffix("-t1")  # noqa: E731 (-t1: |T| = 1)
         L += [f"## Grid `{name}`", "", about, "",
               f"{len(rs)} cells; {sum(r['wall_s'] for r in rs) / 3600:.2f} h wall summed; {machines_line(rs)}. "
               f"Split: {rs[0]['metrics'].get('split')}; steps per cell: "

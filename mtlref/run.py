@@ -28,7 +28,7 @@ import torch
 from mtlref import distributed
 from mtlref.adapters import (CONFIG_FILE, REGISTRY, WEIGHTS_FILE, adapter_state, adapters_of, attach_adapters,
                              count_parameters, detach_adapters, init_adapters_from, load_adapters, save_adapters,
-                             write_atomic)
+                             transfer_options, write_atomic)
 from mtlref.checkpoint import CheckpointError, load_model, minilm_dir, read_config
 from mtlref.checkpointing import checkpoint_path
 from mtlref.data.collate import Encoder, LengthGroupedBatches, eval_batches
@@ -352,13 +352,17 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
     objective = objective_of(s, fam, args.bench)
     seed_everything(args.seed)                       # the same initial adapters for the same seed
     method = "lora" if task else args.method
+    if getattr(args, "init_from", None):             # MoRE: the saved run's |T| in Eq. 6 (transfer_options)
+        s = dict(s, options=transfer_options(method, s["options"],
+                                             json.loads((Path(args.init_from) / CONFIG_FILE).read_text())))
     targets = attach(backbone, method, s, len(specs), objective)
     if getattr(args, "init_from", None):
         mapping = task_map(args, specs)
         init_adapters_from(backbone, args.init_from, mapping)
         if main:
             print(f"adapters from {args.init_from}; per-task tensors: " + ", ".join(
-                f"{sp.name} <- saved task {m}" for sp, m in zip(specs, mapping)), flush=True)
+                f"{sp.name} <- saved task {m}" for sp, m in zip(specs, mapping))
+                + (f"; |T| of MoRE's Eq. 6: {s['options']['scale_tasks']}" if method == "more" else ""), flush=True)
     model = build_model(backbone, tok, specs, objective, args.pooling).to("cpu" if args.fsdp else device)
     heads = {"heads": model.heads} if objective == "head" else None
     trainable, total, percent = count_parameters(model.backbone)

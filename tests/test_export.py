@@ -219,12 +219,23 @@ def test_bad_peft_input_is_one_clear_error(tmp_path):
 
 
 def test_every_option_value_is_recorded_and_old_files_load_with_their_defaults(tmp_path):
-    """Format 2 records each option's value, defaults included; a format-1 file (options given
-    only) loads with format 1's defaults; a format-2 file lacking one is an error."""
+    """Format 3 records each option's value, defaults included; a format-1 file (options given
+    only) loads with format 1's defaults; a format-2 MoRE file (before scale_tasks) loads with the
+    value that reproduces it; a file lacking any other option is an error."""
+    more = adapted("llama-tiny", "more")
+    save_adapters(more, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert saved["format"] == 3 and saved["options"]["scale_tasks"] is None
+    two = saved | {"format": 2, "options": {k: v for k, v in saved["options"].items() if k != "scale_tasks"}}
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(two))
+    assert load_adapters(copy.deepcopy(fixture("llama-tiny")), tmp_path / "m")["options"] == saved["options"]
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(two | {"format": 3}))
+    with pytest.raises(ValueError, match=r"options \['scale_tasks'\] of more are missing"):
+        load_adapters(copy.deepcopy(fixture("llama-tiny")), tmp_path / "m")
     model = adapted("llama-tiny", "mtl-lora")
     save_adapters(model, tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert saved["format"] == 2
+    assert saved["format"] == 3
     assert saved["options"] == {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal",
                                 "task_lambda": True}
     old = {k: v for k, v in saved.items() if k != "format"} | {"options": {}}

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, ROOT, need
 from mtlref import attach_adapters, load_model
-from mtlref.adapters import adapters_of, init_adapters_from, save_adapters
+from mtlref.adapters import adapters_of, init_adapters_from, save_adapters, transfer_options
+from mtlref.layers import ForwardContext
 from mtlref.run import k_shot
 
 PER_TASK = {"more": {"task_embedding"}, "mtl-lora": {"task_lambda", "task_weights"}, "moelora": {"task_embedding"},
@@ -45,6 +46,33 @@ def test_new_tasks_start_from_the_saved_tasks_they_name(tmp_path, method):
                 assert t.shape[0] == 2 and torch.equal(t[0], s[2]) and torch.equal(t[1], s[0]), (name, key)
             else:
                 assert torch.equal(t, s), (name, key)                  # shared tensors copied whole
+
+
+@pytest.mark.parametrize("method,options", [(m, {}) for m in PER_TASK] + [("more", {"selection": "soft"}),
+                                                                       ("more", {"selection": "subset"})])
+def test_a_new_task_starts_as_the_function_of_the_saved_task(tmp_path, method, options):
+    """ΔY of a 1-task run started from saved task c equals the 3-task run's ΔY for task c, module by
+    module: for MoRE only with the saved |T| in Eq. 6 (transfer_options); with |T| = 1 it is 3× larger."""
+    src = saved_run(tmp_path, method, **options)
+    cfg = json.loads((tmp_path / method / "adapter_config.json").read_text())
+    x = torch.randn(4, 5, src.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    readings = [(transfer_options(method, options, cfg), True)]
+    if method == "more":
+        assert readings[0][0]["scale_tasks"] == 3
+        readings.append((options, False))                               # |T| = this run's 1 task
+    for opts, same in readings:
+        new = load_model(need(FIXTURES / "bert-tiny"))
+        attach_adapters(new, method, ["query", "value"], num_tasks=1, **opts)
+        init_adapters_from(new, tmp_path / method, [2])
+        for m in (src, new):
+            m.eval()
+        for name, a in adapters_of(new).items():
+            slots = [m.get_submodule(name) for m in (src, new)]
+            ys = [s.adapter(x, torch.nn.functional.linear(x, s.weight, s.bias),
+                            ForwardContext(task_ids=torch.full((4,), t)), s) for s, t in zip(slots, (2, 0))]
+            assert ys[1].abs().max() > 0
+            err = ((ys[0] - ys[1]).abs().max() / ys[0].abs().max()).item()
+            assert (err < 1e-5) == same, (name, opts, err)
 
 
 def test_transfer_refuses_other_adapters_and_bad_maps(tmp_path):
@@ -88,12 +116,14 @@ def test_train_py_transfers_and_trains_k_shot(tiny_bert, tiny_tasks, tmp_path):
                                   "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pair <- saved task 0" in done.stdout and "{'pair': 4}" in done.stdout
+    assert "|T| of MoRE's Eq. 6: 2" in done.stdout                    # the source's two tasks
     a, b = load_file(str(out / "adapter.safetensors")), load_file(str(src / "adapter.safetensors"))
     emb = [k for k in a if k.endswith("task_embedding")]
     assert emb and all(torch.equal(a[k][0], b[k][0]) for k in emb)           # sentiment's row, task 0 in src
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("heads.") and k not in emb)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["init_from"] == str(src) and cfg["task_init"] == "pair=sentiment" and cfg["train_examples"] == 4
+    assert cfg["options"]["scale_tasks"] == 2 and cfg["num_tasks"] == 1
     bad = subprocess.run(base + ["--tasks", "pair", "--init-from", str(src), "--task-init", "pair=nope",
                                  "--max-steps", "1", "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

@@ -40,10 +40,13 @@ REGISTRY: dict[str, type[nn.Module]] = {
 }
 CONFIG_KEYS = ("method", "targets", "num_tasks", "rank", "alpha", "dropout", "options")
 WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
-# adapter_config.json format 2 records the value of EVERY method option, defaults included, so a
-# later change of a default never loads old adapters differently. Format 1 (no "format" key)
-# recorded only the options given; its missing values are the defaults mtlref had then:
-FORMAT = 2
+# adapter_config.json records the value of EVERY method option, defaults included (since format 2),
+# so a later change of a default never loads old adapters differently. Format 3 added MoRE's
+# scale_tasks; a format-2 file gets the value that reproduces what it was trained with (FORMAT_2_ADDED).
+# Format 1 (no "format" key) recorded only the options given; its missing values are the defaults
+# mtlref had then:
+FORMAT = 3
+FORMAT_2_ADDED = {"more": {"scale_tasks": None}}
 FORMAT_1_DEFAULTS = {
     "lora": {"per_task": False}, "dora": {}, "multilora": {"num_loras": 3},
     "moelora": {"num_experts": 8, "task_dim": 64}, "mixlora": {"num_experts": 8, "top_k": 2},
@@ -275,18 +278,34 @@ def save_adapters(model: nn.Module, path, extra_modules: dict[str, nn.Module] | 
 
 
 def recorded_options(cfg: dict, where) -> dict:
-    """Every option value of a saved config: format 2 records them all; format 1 gets the
-    values it did not record from FORMAT_1_DEFAULTS."""
+    """Every option value of a saved config: format 3 records them all; format 2 gets the options
+    added since from FORMAT_2_ADDED, format 1 the values it did not record from FORMAT_1_DEFAULTS too."""
     method, given = cfg["method"], dict(cfg["options"])
     if method not in REGISTRY:
         raise ValueError(f"{where}: unknown adapter method {method!r}; mtlref knows {sorted(REGISTRY)}")
-    if cfg.get("format", 1) == 1:
-        return {**FORMAT_1_DEFAULTS[method], **given}
+    fmt = cfg.get("format", 1)
+    if fmt == 1:
+        return {**FORMAT_1_DEFAULTS[method], **FORMAT_2_ADDED.get(method, {}), **given}
+    if fmt == 2:
+        given = {**FORMAT_2_ADDED.get(method, {}), **given}
     lacking = sorted(set(REGISTRY[method].options) - set(given))
     if lacking:
         raise ValueError(f"{where}: options {lacking} of {method} are missing, but format {cfg['format']} records "
                          "every option: the file was edited or damaged; write their values into \"options\"")
     return given
+
+
+TRANSFER_FREE = ("scale_tasks",)    # options a transfer may set apart from the saved run's (MoRE's |T|)
+
+
+def transfer_options(method: str, options: dict, saved: dict) -> dict:
+    """The options of a run that starts from a saved run's adapters (its adapter_config `saved`):
+    MoRE keeps the saved run's |T| in Eq. 6 unless scale_tasks is given, so each new task starts
+    as exactly the function of the saved task it is initialised from (see MoRE's scale_tasks)."""
+    if method != "more" or options.get("scale_tasks") is not None:
+        return dict(options)
+    kept = recorded_options(saved, "the saved run").get("scale_tasks")
+    return {**options, "scale_tasks": saved["num_tasks"] if kept is None else kept}
 
 
 def init_adapters_from(model: nn.Module, path, task_map: list[int]) -> dict:
@@ -295,7 +314,8 @@ def init_adapters_from(model: nn.Module, path, task_map: list[int]) -> dict:
     similar tasks"). Every shared tensor is copied; every per-task tensor (Adapter.task_tensors,
     dim 0 = task) is taken row by row, new task t from saved task task_map[t], so a new task starts
     as the saved task it resembles. Heads are not read (a new task has its own labels). The saved
-    adapters must be of the same method, targets, rank, α and options; returns the saved config."""
+    adapters must be of the same method, targets, rank, α and options (but TRANSFER_FREE: attach
+    with transfer_options for the saved run's |T|); returns the saved config."""
     path = Path(path)
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights):
@@ -304,7 +324,10 @@ def init_adapters_from(model: nn.Module, path, task_map: list[int]) -> dict:
     cfg = json.loads(cfg_file.read_text())
     cfg["options"] = recorded_options(cfg, cfg_file)
     have = model.adapter_config
-    diff = [k for k in ("method", "targets", "rank", "alpha", "options") if json.loads(json.dumps(have[k])) != cfg[k]]
+    free = lambda o: {k: v for k, v in o.items() if k not in TRANSFER_FREE}  # noqa: E731
+    diff = [k for k in ("method", "targets", "rank", "alpha", "options")
+            if json.loads(json.dumps(free(have[k]) if k == "options" else have[k])) !=
+            (free(cfg[k]) if k == "options" else cfg[k])]
     if diff:
         raise ValueError(f"{cfg_file}: these adapters differ from the run's (" + ", ".join(
             f"{k}: saved {cfg[k]!r} vs this run {have[k]!r}" for k in diff) + "); pass the same method and settings")

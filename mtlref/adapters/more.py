@@ -34,6 +34,12 @@ Options (defaults give the equations above, bit for bit):
   contrastive=None   Eq. 8 on/off; None = on when there is a task embedding.
   tau=0.05           Eq. 8's temperature.
   linear_scaling=True  Eq. 6's r_t/|T| (False: Table 5 "w/o Linear Scaling", factor 1).
+  scale_tasks=None   |T| in Eq. 6 ("the total number of tasks"); None = the tasks this adapter
+                     serves (num_tasks). Few-shot transfer (train.py --init-from) sets it to the
+                     saved run's |T|, so a new task starts as exactly the ΔY of the task it is
+                     initialised from (with num_tasks = 1 instead, B_t A_t x would start |T| times
+                     larger). The paper does not say which |T| a transfer uses; `--option
+                     scale_tasks=1` is the other reading.
   detach_h=True      detach h_i in Eq. 8 (above).
   selection="ste"    "ste": Eq. 4-6 as above.
                      "soft": Table 5 "w/o STE: soft expert selection": every rank expert
@@ -89,16 +95,16 @@ SELECTIONS = ("ste", "soft", "subset")
 
 class MoRE(Adapter):
     method = "more"
-    options = {"task_dim": None, "contrastive": None, "tau": 0.05, "linear_scaling": True, "detach_h": True,
-               "selection": "ste", "task_embedding": True, "official": False}
+    options = {"task_dim": None, "contrastive": None, "tau": 0.05, "linear_scaling": True, "scale_tasks": None,
+               "detach_h": True, "selection": "ste", "task_embedding": True, "official": False}
     zero_init = ("lora_B",)
     task_specific = True
     task_tensors = ("task_embedding", "rank_table")          # rank_table: official mode, once fixed
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
                  task_dim: int | None = None, contrastive: bool | None = None, tau: float = 0.05,
-                 linear_scaling: bool = True, detach_h: bool = True, selection: str = "ste",
-                 task_embedding: bool = True, official: bool = False):
+                 linear_scaling: bool = True, scale_tasks: int | None = None, detach_h: bool = True,
+                 selection: str = "ste", task_embedding: bool = True, official: bool = False):
         super().__init__(base, num_tasks, rank, alpha, dropout)
         self.task_dim = self.in_features if task_dim is None else int(task_dim)
         if self.task_dim < 1 or selection not in SELECTIONS:
@@ -118,6 +124,9 @@ class MoRE(Adapter):
         self.use_embedding, self.official = bool(task_embedding), bool(official)
         self.contrastive = self.use_embedding if contrastive is None else bool(contrastive)
         self.tau, self.linear_scaling, self.detach_h = float(tau), bool(linear_scaling), bool(detach_h)
+        self.scale_tasks = num_tasks if scale_tasks is None else int(scale_tasks)      # |T| of Eq. 6
+        if self.scale_tasks < 1:
+            raise ValueError(f"more: scale_tasks (|T| of Eq. 6) must be >= 1, got {scale_tasks!r}")
         self.selection = selection
         self.task_specific = self.use_embedding                             # per sample otherwise: no task ids
         self.mergeable = self.use_embedding                                 # (delta_weight raises otherwise)
@@ -179,18 +188,18 @@ class MoRE(Adapter):
         (or per sample without task embeddings)."""
         j = torch.arange(1, self.rank + 1, device=p.device, dtype=p.dtype)  # column j = rank expert k = j
         if self.selection == "soft":                                        # Table 5 "w/o STE"
-            c = j / self.num_tasks if self.linear_scaling else torch.ones_like(j)   # c(k), Eq. 6
+            c = j / self.scale_tasks if self.linear_scaling else torch.ones_like(j)   # c(k), Eq. 6
             return self.scaling * (p * c).flip(-1).cumsum(-1).flip(-1)     # w_j = s Σ_{k>=j} p_k c(k)
         if self.selection == "subset":                                      # Table 5 "w/ subset experts"
             on = (p > 0.5).to(p.dtype)                                      # S_t
             m = on + (p - p.detach())                                       # per-column STE, value on
             size = on.sum(-1, keepdim=True)                                 # |S_t|
-            return m * (size / self.num_tasks if self.linear_scaling else 1.0) * self.scaling
+            return m * (size / self.scale_tasks if self.linear_scaling else 1.0) * self.scaling
         k = p.argmax(dim=-1)                                                 # (N,) = r_t - 1
         ste = F.one_hot(k, self.rank).to(p.dtype) + (p - p.detach())         # Eq. 4
         coef = ste.gather(1, k[:, None]).squeeze(1)                          # Ste(p_t)[r_t], value 1.0
         r_t = (k + 1).to(p.dtype)
-        scale = coef * (r_t / self.num_tasks if self.linear_scaling else 1.0) * self.scaling   # Eq. 6
+        scale = coef * (r_t / self.scale_tasks if self.linear_scaling else 1.0) * self.scaling   # Eq. 6
         prefix = (j <= r_t[:, None]).to(p.dtype)                             # first r_t columns
         return prefix * scale[:, None]
 
