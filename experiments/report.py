@@ -299,16 +299,19 @@ def plan_section(records: list[dict]) -> list[str]:
     """Every grid file's cells: how many have results, and what the rest needs (the grid file's
     minutes per cell, measured on this project's 2-core CPU machine)."""
     L = ["## The grids and what is left of them", "",
-         "| grid | cells | finished | left | planned minutes per cell (1 / 2 threads) | left, 2 cores, 2 cells at a time |",
-         "|---|---:|---:|---:|---|---:|"]
+         "| grid | cells | finished | left | planned minutes per cell (1 / 2 threads) | measured (finished cells, 1 thread) "
+         "| left, 2 cores, 2 cells at a time (planned) |",
+         "|---|---:|---:|---:|---|---|---:|"]
     done = {(r["grid"], r["variant"], r["seed"]) for r in records}
     for path in sorted((ROOT / "experiments" / "grids").glob("*.json")):
         grid = G.load_grid(path)
         cells = G.cells(grid)
         left = [c for c in cells if (c.grid, c.variant, c.seed) not in done]
         one, two = G.planned_minutes(grid, 1), G.planned_minutes(grid, 2)
+        walls = [r["wall_s"] / 60 for r in records if r["grid"] == grid["name"] and r["threads"] == 1]
+        measured = f"{min(walls):.1f}–{max(walls):.1f} min, mean {sum(walls) / len(walls):.1f}" if walls else "–"
         L.append(f"| `{grid['name']}` | {len(cells)} | {len(cells) - len(left)} | {len(left)} | {one:g} / {two:g} | "
-                 f"{G.fmt_minutes(60 * one * -(-len(left) // 2))} |")
+                 f"{measured} | {G.fmt_minutes(60 * one * -(-len(left) // 2))} |")
     L += ["", "On a GPU the whole of it is one command per grid, e.g. `python experiments/run.py "
           "experiments/grids/main.json --device cuda --jobs 4` (then `fewshot.json`, which starts from the main "
           "grid's seed-0 runs).", "",
