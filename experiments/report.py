@@ -376,13 +376,21 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                              f"({compare(summary, v, r_)}): {said}.")
                 L.append("")
         if name == "fewshot":
-            pairs = [(v, ref(v)) for v in order if v.startswith("more-") and ref(v) in summary]
+            pairs = [(v, ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
+                     and ref(v) in summary]
             if pairs:
                 L += ["### What agrees with MoRE's Table 4 and what does not", ""]
                 for v, r_ in pairs:
                     d, said = verdict(summary, v, r_)
                     L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
                              f"{d:+.4f}: {said}.")
+                L.append("")
+            other = [(v, v.removesuffix("-t1")) for v in order if v.endswith("-t1") and v.removesuffix("-t1") in summary]
+            if other:
+                L += ["Which |T| a transfer puts in Eq. 6 (the `-t1` cells: |T| = 1, the new run's own task count, "
+                      "so the new task starts with ΔY times the GLUE run's |T|; the others keep the GLUE run's |T|):",
+                      ""]
+                L += [f"- `{v}` − `{k}`: {compare(summary, v, k)}." for v, k in other]
                 L.append("")
         f = rank_figure(rs, figs / f"{name}-more-ranks.png")
         if f:
