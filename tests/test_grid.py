@@ -266,3 +266,27 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
     assert f"{moved} of {sum(len(v) for v in saved['rank_maps'].values())} (task, module) choices change" in text
     for fig in ("pca", "scaled-ranks"):
         assert (tmp_path / "doc" / "replication" / f"embeddings-tiny-{fig}.png").stat().st_size > 1000
+
+
+def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_reading(tmp_path):
+    """From the committed few-shot result files (3 variants, CB k = 32): MoRE is compared with
+    LoRA-MT at the same k as the paper's claim, the -t1 cells (|T| = 1) with MoRE's kept |T|,
+    not as a claim; the numbers are the paired t of the files' averages."""
+    src = ROOT / "experiments" / "results" / "fewshot"
+    names = ["more-cb-k32", "lora-mt-cb-k32", "more-cb-k32-t1"]
+    files = [f for n in names for f in sorted(src.glob(f"{n}__s*.json"))]
+    assert len(files) == 3 * 5, files                                   # committed: 5 seeds each
+    (tmp_path / "results" / "fewshot").mkdir(parents=True)
+    for f in files:
+        (tmp_path / "results" / "fewshot" / f.name).write_text(f.read_text())
+    doc = tmp_path / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
+                           "--analyses", str(tmp_path / "none"), "--out", str(doc)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    s = G.summarise(G.load_results(tmp_path / "results"))
+    claim = [line for line in text.splitlines() if line.startswith("- MoRE (Table 4)")]
+    assert len(claim) == 1 and "`more-cb-k32` − `lora-mt-cb-k32`" in claim[0]
+    t = G.paired_t(s["more-cb-k32-t1"]["seeds"], s["more-cb-k32"]["seeds"])
+    assert f"- `more-cb-k32-t1` − `more-cb-k32`: {t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}" in text
