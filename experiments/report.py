@@ -22,7 +22,8 @@ TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", 
               "qnli": "QNLI", "rte": "RTE", "cb": "CB", "superglue_boolq": "BoolQ"}
 # The bench's method name of a variant, for its step time relative to LoRA (same model and batch).
 BENCH_NAME = {"lora-st": "lora", "lora-mt": "lora", "dora": "dora", "multilora": "multilora", "moelora": "moelora",
-              "mixlora": "mixlora", "mtl-lora": "mtl-lora", "more": "more", "more-official": "more"}
+              "mixlora": "mixlora", "mixlora-lr5e-4": "mixlora", "mtl-lora": "mtl-lora", "more": "more",
+              "more-official": "more"}
 # What each paper reports about a pair (a direction, never a number): (variant, reference, paper).
 PAPER_CLAIMS = [("mtl-lora", "lora-mt", "MTL-LoRA (Tables 2-4): MTL-LoRA above LoRA-MT"),
                 ("mtl-lora", "lora-st", "MTL-LoRA (Table 2): MTL-LoRA above LoRA-ST"),
