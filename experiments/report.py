@@ -62,7 +62,9 @@ def table(summary: dict, order: list[str], bench: dict | None, reference) -> lis
         step = "–"
         if bench and BENCH_NAME.get(v) in bench["training"]:
             step = f"{bench['training'][BENCH_NAME[v]]['vs_lora']['median']:.2f}"
-        cells = [v, str(s["n"])] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
+        seeds = str(s["n"]) + (f" ({len(s['collapsed'])} collapsed: " + ", ".join(f"s{k}" for k in s["collapsed"])
+                               + ")" if s["collapsed"] else "")
+        cells = [v, seeds] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
         cells += [f"**{pm(s['average'], s['n'])}**", f"{s['trainable_percent']:.3f}" if s["trainable_percent"] else "–",
                   step]
         if reference:
@@ -360,6 +362,14 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
               "Papers' metrics: MCC for CoLA, Pearson for "
               "STS-B, accuracy otherwise; mean ± sample standard deviation over seeds.", ""]
         L += table(summary, order, bench, ref) + [""]
+        gone = [f"`{v}` s{k}" for v in order for k in summary[v]["collapsed"]]
+        if gone:
+            ok = [G.main_metric("stsb", r["metrics"]["tasks"]["stsb"]) for r in rs
+                  if "stsb" in r["metrics"]["tasks"] and not G.collapsed(r["metrics"])]
+            L += [f"Collapsed cells: {', '.join(gone)}: STS-B Pearson below {G.COLLAPSE_PEARSON}"
+                  + (f" (the other cells: {min(ok):.2f}–{max(ok):.2f})" if ok else "")
+                  + ", i.e. the model's outputs hardly depend on its input; their training loss stopped falling "
+                  "early (the cells' logs). They count in the means, as the budget gave them.", ""]
         if ref:
             L += [f"The last column: a paired t-test over the seeds both variants ran, on the average, against "
                   + (f"`{ref}`" if isinstance(ref, str) else "LoRA-MT at the same task and k") + " (two-sided, 95 %).",

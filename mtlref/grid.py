@@ -260,6 +260,17 @@ def main_metric(task: str, task_metrics: dict) -> float:
     return task_metrics[metric_name(task) if task in TASK_METRICS else next(iter(task_metrics))]
 
 
+COLLAPSE_PEARSON = 0.2      # a trained STS-B head scores >= 0.8 here; ~0 when the outputs ignore the input
+
+
+def collapsed(metrics: dict) -> bool:
+    """A run whose model stopped depending on its input (training loss flat, every class task at
+    one class): flagged by STS-B's Pearson below COLLAPSE_PEARSON, a regression task that no
+    constant output can score on. False when the run has no STS-B."""
+    m = metrics["tasks"].get("stsb")
+    return m is not None and main_metric("stsb", m) < COLLAPSE_PEARSON
+
+
 def summarise(records: list[dict]) -> dict:
     """variant -> {"seeds": {seed: average}, "tasks": {task: (mean, std)}, "average": (mean, std), ...}."""
     by = {}
@@ -274,6 +285,7 @@ def summarise(records: list[dict]) -> dict:
                                          if t in r["metrics"]["tasks"]])
                             for t in tasks},
                   "average": mean_std([r["metrics"]["average"] for r in rs]),
+                  "collapsed": [r["seed"] for r in rs if collapsed(r["metrics"])],
                   "method": rs[0].get("method"), "trainable_percent": rs[0].get("trainable_percent"),
                   "wall_s": sum(r["wall_s"] for r in rs), "cpu_s": sum(r["wall_s"] * r["threads"] for r in rs),
                   "machines": sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs})}

@@ -74,6 +74,17 @@ def test_paired_t_over_seeds():
     assert G.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and G.mean_std([5.0]) == (5.0, 0.0)
 
 
+def test_a_cell_whose_sts_b_pearson_is_near_zero_is_flagged_collapsed():
+    def rec(seed, pearson):
+        tasks = {"sst2": {"accuracy": 0.51}} | ({"stsb": {"pearson": pearson, "spearman": 0.0}} if pearson is not None
+                                                else {})
+        return {"variant": "v", "seed": seed, "metrics": {"tasks": tasks, "average": 0.5}, "wall_s": 1.0,
+                "threads": 1, "machine": {"cpu": "c"}}
+    assert G.collapsed(rec(0, 0.007)["metrics"]) and not G.collapsed(rec(0, 0.86)["metrics"])
+    assert not G.collapsed(rec(0, None)["metrics"])                          # no STS-B: nothing to tell by
+    assert G.summarise([rec(0, 0.86), rec(1, 0.003), rec(2, 0.19)])["v"]["collapsed"] == [1, 2]
+
+
 def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_bert, tiny_tasks, tmp_path):
     grid = tiny_grid(tmp_path / "tiny.json", tiny_bert, tiny_tasks)
     first = run_grid(grid, tmp_path, "--jobs", "2")
