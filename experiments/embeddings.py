@@ -12,8 +12,9 @@ reader can check the figure's clusters against (2-D distances of 8 points keep o
 
 Figure 2b: "we scaled down the influence of experts 1-3" (§5.3) gives no factor; our reading:
 each task's rank is re-chosen with p_t[1..3] multiplied by `--scale-down` (default 0: the best
-of experts 4..r), from the trained gate and embeddings, for every module. Figure 2a (the ranks
-as trained) is in the run's adapter_config.json and its result file already.
+of experts 4..r), from the trained gate and embeddings, for every module (not in the official
+code's mode, whose rank table is fixed at the first forward and never reads p_t again). Figure 2a
+(the ranks as trained) is in the run's adapter_config.json and its result file already.
 
 experiments/report.py draws both from the JSON.
 """
@@ -82,7 +83,8 @@ def analyse(run_dir: Path, scale: float) -> dict:
                              "explained": [round(v, 4) for v in share], "cosine": np.round(cosine(e), 4).tolist()}
     for name, a in mods.items():
         out["rank_maps"][name] = a.rank_map().tolist()
-        out["scaled_rank_maps"][name] = scaled_ranks(a, scale)
+        if not a.official:        # official mode: the rank table is fixed at init, p_t is never read again
+            out["scaled_rank_maps"][name] = scaled_ranks(a, scale)
     return out
 
 

@@ -284,6 +284,10 @@ def embeddings_section(analyses: Path, figs: Path, rel) -> list[str]:
         if fig:
             L += [f"![PCA of the task embeddings]({rel(fig)})", ""]
         names = sorted(res["scaled_rank_maps"])
+        if not names:
+            L += ["Figure 2b: not drawn for this run: in the official code's mode the rank table is fixed at the "
+                  "first forward, so no trained p_t chooses a rank.", ""]
+            continue
         moved = sum(a != b for n in names for a, b in zip(res["rank_maps"][n], res["scaled_rank_maps"][n]))
         total = sum(len(res["rank_maps"][n]) for n in names)
         L += [f"Figure 2b, our reading of \"scaled down the influence of experts 1-3\" (the paper gives no "

@@ -268,6 +268,12 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
     assert res["modules"]["all"]["dim"] == sum(ads[n].task_embedding.shape[1] for n in attn)
     assert set(res["scaled_rank_maps"]) == set(ads) and min(min(v) for v in res["scaled_rank_maps"].values()) > 3
     assert emb.analyse(run, 1.0)["scaled_rank_maps"] == {n: a.rank_map().tolist() for n, a in ads.items()}
+    official = tmp_path / "official"                                    # rank table fixed at init: no Figure 2b
+    done = subprocess.run([*done.args[:-2], "--option", "official=true", "--out", str(official)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    res_o = emb.analyse(official, 0.0)
+    assert res_o["scaled_rank_maps"] == {} and len(res_o["modules"]["all"]["pca"]) == len(specs)
     need_extra("matplotlib")
     out = tmp_path / "analyses" / "embeddings-tiny.json"
     assert emb.main([str(run), "--out", str(out)]) == 0
