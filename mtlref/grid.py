@@ -264,9 +264,9 @@ COLLAPSE_PEARSON = 0.2      # a trained STS-B head scores >= 0.8 here; ~0 when t
 
 
 def collapsed(metrics: dict) -> bool:
-    """A run whose model stopped depending on its input (training loss flat, every class task at
-    one class): flagged by STS-B's Pearson below COLLAPSE_PEARSON, a regression task that no
-    constant output can score on. False when the run has no STS-B."""
+    """A run whose model stopped depending on its input (training loss flat, classification tasks
+    near one class or chance): flagged by STS-B's Pearson below COLLAPSE_PEARSON, a regression
+    task that no constant output can score on. False when the run has no STS-B."""
     m = metrics["tasks"].get("stsb")
     return m is not None and main_metric("stsb", m) < COLLAPSE_PEARSON
 
