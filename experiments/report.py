@@ -21,9 +21,9 @@ from mtlref import grid as G  # noqa: E402
 TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
               "qnli": "QNLI", "rte": "RTE", "cb": "CB", "superglue_boolq": "BoolQ"}
 # The bench's method name of a variant, for its step time relative to LoRA (same model and batch).
+# A grid's "tables" name a suffix that their variants add to these names (e.g. "more-lr5e-4").
 BENCH_NAME = {"lora-st": "lora", "lora-mt": "lora", "dora": "dora", "multilora": "multilora", "moelora": "moelora",
-              "mixlora": "mixlora", "mixlora-lr5e-4": "mixlora", "mtl-lora": "mtl-lora", "more": "more",
-              "more-official": "more"}
+              "mixlora": "mixlora", "mtl-lora": "mtl-lora", "more": "more", "more-official": "more"}
 # What each paper reports about a pair (a direction, never a number): (variant, reference, paper).
 PAPER_CLAIMS = [("mtl-lora", "lora-mt", "MTL-LoRA (Tables 2-4): MTL-LoRA above LoRA-MT"),
                 ("mtl-lora", "lora-st", "MTL-LoRA (Table 2): MTL-LoRA above LoRA-ST"),
@@ -48,8 +48,9 @@ def machines_line(records: list[dict]) -> str:
                      for (m, c, t, v), rs in seen.items())
 
 
-def table(summary: dict, order: list[str], bench: dict | None, reference) -> list[str]:
-    """reference: a variant every row is compared with, or a function variant -> its reference."""
+def table(summary: dict, order: list[str], bench: dict | None, reference, suffix: str = "") -> list[str]:
+    """reference: a variant every row is compared with, or a function variant -> its reference;
+    suffix: what the variants add to BENCH_NAME's names."""
     ref_of = reference if callable(reference) else (lambda v: reference)
     found = [t for s in summary.values() for t in s["tasks"] if t != "mnli_mm"]
     tasks = [t for t in TASK_NAMES if t in found] + sorted({t for t in found if t not in TASK_NAMES})
@@ -60,8 +61,9 @@ def table(summary: dict, order: list[str], bench: dict | None, reference) -> lis
     for v in order:
         s = summary[v]
         step = "–"
-        if bench and BENCH_NAME.get(v) in bench["training"]:
-            step = f"{bench['training'][BENCH_NAME[v]]['vs_lora']['median']:.2f}"
+        name = BENCH_NAME.get(v.removesuffix(suffix) if suffix else v)
+        if bench and name in bench["training"]:
+            step = f"{bench['training'][name]['vs_lora']['median']:.2f}"
         seeds = str(s["n"]) + (f" ({len(s['collapsed'])} collapsed: " + ", ".join(f"s{k}" for k in s["collapsed"])
                                + ")" if s["collapsed"] else "")
         cells = [v, seeds] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
@@ -80,19 +82,67 @@ def compare(summary: dict, v: str, ref: str) -> str:
         return "–"
     t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
     if t is None:
-        n = len(set(summary[v]["seeds"]) & set(summary[ref]["seeds"]))
-        return f"{summary[v]['average'][0] - summary[ref]['average'][0]:+.4f} ({n} shared seed(s): no test)"
+        d, seeds = shared_diff(summary, v, ref)
+        return f"{d:+.4f} (seed {seeds[0]} only: no test)" if seeds else "no shared seed"
     return (f"{t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}, critical {t['critical']}): "
             + ("**exceeds the seed spread**" if t["significant"] else "within the seed spread"))
 
 
+def shared_diff(summary: dict, v: str, ref: str) -> tuple[float, list[int]]:
+    """The mean over the seeds both ran of v's average minus ref's, and those seeds (nan for none):
+    never a difference of means over different seeds."""
+    a, b = summary[v]["seeds"], summary[ref]["seeds"]
+    seeds = sorted(set(a) & set(b))
+    return (sum(a[k] - b[k] for k in seeds) / len(seeds) if seeds else float("nan")), seeds
+
+
 def verdict(summary: dict, v: str, ref: str) -> tuple[float, str]:
-    """(mean difference of the averages, whether it agrees with a paper saying v > ref, and how surely)."""
-    d = summary[v]["average"][0] - summary[ref]["average"][0]
+    """(mean difference of the averages over the shared seeds, whether it agrees with a paper saying
+    v > ref, and how surely)."""
+    d, seeds = shared_diff(summary, v, ref)
+    if not seeds:
+        return d, "not yet comparable (no seed both ran)"
     t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
     return d, ("agrees" if d > 0 else "does not agree") + (
         " in sign, on fewer than 2 shared seeds (no test yet)" if t is None else
         (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+
+
+def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | None, ref, tab: dict, grid: str,
+                  figs: Path, rel) -> list[str]:
+    """One table of a grid (its variants vs, compared with ref), the cells that collapsed, and for a
+    table with "claims" the averages' figure and the papers' claims checked on its numbers."""
+    suffix = tab.get("suffix", "")
+    L = [f"### {tab['title']}", "", tab.get("about", ""), ""] if tab.get("title") else []
+    L += table(summary, vs, bench, ref, suffix) + [""]
+    gone = [f"`{v}` s{k}" for v in vs for k in summary[v]["collapsed"]]
+    if gone:
+        ok = [G.main_metric("stsb", r["metrics"]["tasks"]["stsb"]) for r in rs
+              if r["variant"] in vs and "stsb" in r["metrics"]["tasks"] and not G.collapsed(r["metrics"])]
+        L += [f"Collapsed cells: {', '.join(gone)}: STS-B Pearson below {G.COLLAPSE_PEARSON}"
+              + (f" (the other cells: {min(ok):.2f}–{max(ok):.2f})" if ok else "")
+              + ", i.e. the model's outputs hardly depend on its input; their training loss stopped falling "
+              "early (the cells' logs). They count in the means, as the budget gave them.", ""]
+    elif suffix or len(vs) < len(summary):
+        L += ["No cell of this table collapsed.", ""]
+    if ref:
+        L += [f"The last column: a paired t-test over the seeds both variants ran, on the average, against "
+              + (f"`{ref}`" if isinstance(ref, str) else "LoRA-MT at the same task and k") + " (two-sided, 95 %).",
+              ""]
+    if tab.get("claims"):
+        f = average_figure(summary, vs, figs / f"{grid}-averages{suffix}.png", tab.get("title", "Main grid"))
+        if f:
+            L += [f"![GLUE average per seed]({rel(f)})", ""]
+        claims = [(v + suffix, r_ + suffix, paper) for v, r_, paper in PAPER_CLAIMS
+                  if v + suffix in summary and r_ + suffix in summary]
+        if claims:
+            L += ["#### What agrees with the papers and what does not", ""]
+            for v, r_, paper in claims:
+                d, said = verdict(summary, v, r_)
+                L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average over the shared seeds "
+                         f"({compare(summary, v, r_)}): {said}.")
+            L.append("")
+    return L
 
 
 def short_module(n: str) -> str:
@@ -118,9 +168,9 @@ def heat_map(m: list[list[int]], tasks: list[str], names: list[str], title: str,
     return str(path)
 
 
-def rank_figure(records: list[dict], path: Path) -> str | None:
-    """MoRE Figure 2a: the rank each task chose in each adapted module (seed 0's MoRE cell)."""
-    r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == "more"),
+def rank_figure(records: list[dict], path: Path, variant: str = "more") -> str | None:
+    """MoRE Figure 2a: the rank each task chose in each adapted module (the variant's first seed)."""
+    r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == variant),
              None)
     if r is None or importlib.util.find_spec("matplotlib") is None:
         return None
@@ -130,7 +180,7 @@ def rank_figure(records: list[dict], path: Path) -> str | None:
     return heat_map(m, tasks, names, f"MoRE: rank chosen per task and module ({r['grid']}, seed {r['seed']})", path)
 
 
-def average_figure(summary: dict, order: list[str], path: Path) -> str | None:
+def average_figure(summary: dict, order: list[str], path: Path, title: str = "Main grid") -> str | None:
     if importlib.util.find_spec("matplotlib") is None or not order:
         return None
     import matplotlib
@@ -143,7 +193,7 @@ def average_figure(summary: dict, order: list[str], path: Path) -> str | None:
         ax.errorbar(i, summary[v]["average"][0], yerr=summary[v]["average"][1], color="k", capsize=4, marker="_")
     ax.set_xticks(range(len(order)), order, rotation=30)
     ax.set_ylabel("GLUE average (papers' metrics)")
-    ax.set_title("Main grid: each seed (dots), mean ± std (bars)")
+    ax.set_title(f"{title}: each seed (dots), mean ± std (bars)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -349,48 +399,34 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
           ""]
     L += plan_section(records)
     for name, rs in grids.items():
-        summary = G.summarise(rs)
         path = ROOT / "experiments" / "grids" / f"{name}.json"
-        spec = json.loads(path.read_text()) if path.is_file() else {"variants": sorted(summary)}  # a test's grid
-        order = [v for v in spec["variants"] if v in summary]
-        about = spec.get("about", "")
-        ref = "lora-mt" if "lora-mt" in summary else None
-        ref = rs[0]["variant"] if ref is None and name.startswith("ablation") else ref
-        if name == "fewshot":                          # MoRE against LoRA-MT at the same task and k
-            ref = lambda v: v.replace("more-", "lora-mt-", 1).removesuffix("-t1")  # noqa: E731 (-t1: |T| = 1)
-        L += [f"## Grid `{name}`", "", about, "",
+        spec = json.loads(path.read_text()) if path.is_file() else {"variants": sorted({r["variant"] for r in rs})}
+        L += [f"## Grid `{name}`", "", spec.get("about", ""), "",
               f"{len(rs)} cells; {sum(r['wall_s'] for r in rs) / 3600:.2f} h wall summed; {machines_line(rs)}. "
               f"Split: {rs[0]['metrics'].get('split')}; steps per cell: "
               f"{', '.join(sorted({json.dumps(r['metrics'].get('steps')) for r in rs}))}"
               f"{' (LoRA-ST: per task)' if any(isinstance(r['metrics'].get('steps'), dict) for r in rs) else ''}. "
               "Papers' metrics: MCC for CoLA, Pearson for "
               "STS-B, accuracy otherwise; mean ± sample standard deviation over seeds.", ""]
-        L += table(summary, order, bench, ref) + [""]
-        gone = [f"`{v}` s{k}" for v in order for k in summary[v]["collapsed"]]
-        if gone:
-            ok = [G.main_metric("stsb", r["metrics"]["tasks"]["stsb"]) for r in rs
-                  if "stsb" in r["metrics"]["tasks"] and not G.collapsed(r["metrics"])]
-            L += [f"Collapsed cells: {', '.join(gone)}: STS-B Pearson below {G.COLLAPSE_PEARSON}"
-                  + (f" (the other cells: {min(ok):.2f}–{max(ok):.2f})" if ok else "")
-                  + ", i.e. the model's outputs hardly depend on its input; their training loss stopped falling "
-                  "early (the cells' logs). They count in the means, as the budget gave them.", ""]
-        if ref:
-            L += [f"The last column: a paired t-test over the seeds both variants ran, on the average, against "
-                  + (f"`{ref}`" if isinstance(ref, str) else "LoRA-MT at the same task and k") + " (two-sided, 95 %).",
-                  ""]
-        if name == "main":
-            f = average_figure(summary, order, figs / "main-averages.png")
-            if f:
-                L += [f"![GLUE average per seed]({rel(f)})", ""]
-            claims = [c for c in PAPER_CLAIMS if c[0] in summary and c[1] in summary]
-            if claims:
-                L += ["### What agrees with the papers and what does not", ""]
-                for v, r_, paper in claims:
-                    d, said = verdict(summary, v, r_)
-                    L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average "
-                             f"({compare(summary, v, r_)}): {said}.")
-                L.append("")
+        base = spec.get("baseline")                    # "grid/variant": another grid's cells, the first row
+        if base:
+            rs = [dict(r, variant=base) for r in records if f"{r['grid']}/{r['variant']}" == base] + rs
+        summary = G.summarise(rs)
+        order = [v for v in [base, *spec["variants"]] if v in summary]
+        # A grid may split its variants into tables (the main grid: one per shared lr); each table's
+        # variants are BENCH_NAME's names plus the table's suffix, compared within the table.
+        tables = spec.get("tables") or [{"variants": order, "claims": name == "main"}]
+        few_ref = lambda v: v.replace("more-", "lora-mt-", 1).removesuffix("-t1")  # noqa: E731 (-t1: |T| = 1)
+        for tab in tables:
+            vs, suffix = [v for v in tab["variants"] if v in summary], tab.get("suffix", "")
+            if not vs:
+                continue
+            ref = "lora-mt" + suffix if "lora-mt" + suffix in summary else None
+            ref = (base or vs[0]) if ref is None and name.startswith("ablation") else ref
+            ref = few_ref if name == "fewshot" else ref   # MoRE against LoRA-MT at the same task and k
+            L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel)
         if name == "fewshot":
+            ref = few_ref
             pairs = [(v, ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
                      and ref(v) in summary]
             if pairs:
@@ -407,7 +443,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                       ""]
                 L += [f"- `{v}` − `{k}`: {compare(summary, v, k)}." for v, k in other]
                 L.append("")
-        f = rank_figure(rs, figs / f"{name}-more-ranks.png")
+        more = "more" + next((t.get("suffix", "") for t in tables if t.get("claims")), "")
+        f = rank_figure(rs, figs / f"{name}-more-ranks.png", more if more in summary else "more")
         if f:
             L += [f"![MoRE rank allocation]({rel(f)})", "",
                   "MoRE's Figure 2a here: the rank r_t each task's gate chose in every adapted module "

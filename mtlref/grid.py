@@ -7,7 +7,15 @@ A grid is a JSON file (experiments/grids/*.json):
      "common": ["--bench", "glue", "--split", "paper"],      # every cell's train.py flags
      "variants": {"lora-mt": ["--method", "lora"], ...},      # variant name -> its own flags
      "seeds": [0, 1, 2],
-     "minutes_per_cell": 12}                                  # the plan's estimate (2 threads, this CPU)
+     "minutes_per_cell": 12,                                  # the plan's estimate (2 threads, this CPU)
+     "tables": [{"title": "...", "variants": [...], "suffix": "-lr5e-4", "claims": true}, ...],
+     "baseline": "main/more-lr5e-4"}                          # another grid's cells, the report's first row
+
+"tables" is optional: the report's tables of the grid, each of some of its variants (named as
+experiments/report.py's BENCH_NAME plus the table's suffix), compared within the table; the one
+with "claims" is where the papers' claims are checked. Without it, one table of every variant.
+"baseline" is optional too: a variant of another grid (an ablation's full method is the main
+grid's cell with the same flags), which the report puts first and compares every row with.
 
 A cell is (variant, seed): `python train.py <common> <variant> --seed S --out <runs>/<grid>/<variant>/s<S>
 --save-every K`. Cells run seed-major (every variant's seed 0 first), so a grid stopped half-way
@@ -83,6 +91,16 @@ def load_grid(path: str | Path) -> dict:
             raise SystemExit(f"{path}: {sorted(reserved)} are set by the runner per cell; remove them from the grid")
     if not all(isinstance(s, int) for s in grid["seeds"]):
         raise SystemExit(f"{path}: \"seeds\" must be a list of integers")
+    base = grid.get("baseline")
+    if base is not None and not (isinstance(base, str) and base.count("/") == 1):
+        raise SystemExit(f"{path}: \"baseline\" must be \"grid/variant\" (e.g. \"main/more-lr5e-4\"), not {base!r}")
+    for i, tab in enumerate(grid.get("tables", [])):
+        names = tab.get("variants") if isinstance(tab, dict) else None
+        if not (isinstance(names, list) and names):
+            raise SystemExit(f"{path}: table {i + 1} needs \"variants\", a list of the grid's variant names")
+        unknown = [v for v in names if v not in grid["variants"]]
+        if unknown:
+            raise SystemExit(f"{path}: table {i + 1} names variants the grid does not have: {unknown}")
     return grid
 
 

@@ -51,7 +51,13 @@ def test_grid_files_are_checked_and_cells_run_seed_major(tmp_path):
     for bad, message in [({"name": "g", "variants": {"a": ["--seed", "3"]}, "seeds": [0]}, "set by the runner"),
                          ({"name": "g", "variants": {"a/b": []}, "seeds": [0]}, "file name"),
                          ({"name": "g", "variants": {"a": "--method lora"}, "seeds": [0]}, "list of train.py flags"),
-                         ({"variants": {}, "seeds": [0]}, "needs \"name\"")]:
+                         ({"variants": {}, "seeds": [0]}, "needs \"name\""),
+                         ({"name": "g", "variants": {"a": []}, "seeds": [0], "tables": [{"variants": ["a", "z"]}]},
+                          r"table 1 names variants the grid does not have: \['z'\]"),
+                         ({"name": "g", "variants": {"a": []}, "seeds": [0], "tables": [{"title": "t"}]},
+                          "table 1 needs \"variants\""),
+                         ({"name": "g", "variants": {"a": []}, "seeds": [0], "baseline": "more"},
+                          "\"baseline\" must be \"grid/variant\"")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match=message):
             G.load_grid(path)
@@ -307,3 +313,39 @@ def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_read
     assert len(claim) == 1 and "`more-cb-k32` − `lora-mt-cb-k32`" in claim[0]
     t = G.paired_t(s["more-cb-k32-t1"]["seeds"], s["more-cb-k32"]["seeds"])
     assert f"- `more-cb-k32-t1` − `more-cb-k32`: {t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}" in text
+
+
+def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(tmp_path):
+    """Records for the real main.json's variants (synthetic numbers): each of its tables compares
+    within itself, the papers' claims are checked on the lr-5e-4 table only, and a difference
+    on unequal seed sets is taken over the shared seeds, never as a difference of means."""
+    def rec(variant, seed, avg, stsb=0.85):
+        tasks = {"sst2": {"accuracy": avg}, "stsb": {"pearson": stsb, "spearman": stsb}}
+        return {"grid": "main", "variant": variant, "seed": seed, "wall_s": 60.0, "threads": 1,
+                "machine": {"cpu": "c", "cores": 2, "torch": "t"}, "trainable_percent": 1.0, "rank_maps": None,
+                "metrics": {"tasks": tasks, "average": avg, "split": "test", "steps": 10}}
+    cells = [rec("lora-mt-lr5e-4", 0, 0.60), rec("lora-mt-lr5e-4", 1, 0.62), rec("lora-mt-lr5e-4", 2, 0.70),
+             rec("more-lr5e-4", 0, 0.65), rec("more-lr5e-4", 1, 0.66),
+             rec("lora-mt", 0, 0.61), rec("lora-mt", 1, 0.30, stsb=0.01), rec("more", 0, 0.64),
+             dict(rec("no-ste", 0, 0.61), grid="ablation-more")]      # its baseline: main/more-lr5e-4
+    for r in cells:
+        (tmp_path / "results" / r["grid"]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "results" / r["grid"] / f"{r['variant']}__s{r['seed']}.json").write_text(json.dumps(r))
+    doc = tmp_path / "REPLICATION.md"
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
+                           "--analyses", str(tmp_path / "none"), "--out", str(doc)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = doc.read_text()
+    five, two = text.split("### Shared lr 5e-4")[1].split("### Shared lr 2e-3")
+    claim = next(line for line in five.splitlines() if line.startswith("- MoRE (Table 1): MoRE above multi-task"))
+    # seeds 0 and 1: (0.65 - 0.60 + 0.66 - 0.62) / 2 = +0.0450 (the means' difference would be +0.0200)
+    assert "`more-lr5e-4` − `lora-mt-lr5e-4` = +0.0450" in claim, claim
+    assert "- MoRE" not in two and "- MTL-LoRA" not in two                  # no claims on the 2e-3 table
+    assert "| more | 1 |" in two and "+0.0300 (seed 0 only: no test)" in two  # 0.64 - 0.61 on seed 0
+    assert "Collapsed cells: `lora-mt` s1" in two and "No cell of this table collapsed." in five
+    ablation = text.split("## Grid `ablation-more`")[1].split("## ")[0]
+    rows = [line for line in ablation.splitlines() if line.startswith("| ")][1:]    # below the header
+    assert rows[0].startswith("| main/more-lr5e-4 | 2 |") and rows[1].startswith("| no-ste | 1 |")
+    assert "vs main/more-lr5e-4" in ablation and rows[1].endswith("| -0.0400 (seed 0 only: no test) |")
+    assert "1 cells;" in ablation                                        # its own cells only
