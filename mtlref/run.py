@@ -195,10 +195,19 @@ def k_shot(splits: dict, k: int, seed: int) -> dict:
     return out
 
 
-def task_map(args, specs) -> list[int]:
+def saved_config(run_dir) -> dict:
+    """The adapter_config.json of a train.py --out directory (--init-from's)."""
+    f = Path(run_dir) / CONFIG_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing; --init-from takes a train.py --out directory")
+    return json.loads(f.read_text())
+
+
+def task_map(args, specs, saved_config: dict) -> list[int]:
     """--task-init NEW=SAVED,... -> for each of this run's tasks, the index of the saved run's task
-    that starts it; a task the saved run also trained starts as itself unless named."""
-    saved = json.loads((Path(args.init_from) / CONFIG_FILE).read_text()).get("task_names") or []
+    (saved_config: the --init-from run's adapter_config) that starts it; a task the saved run also
+    trained starts as itself unless named."""
+    saved = saved_config.get("task_names") or []
     given = dict(kv.split("=", 1) for kv in (args.task_init or "").split(",") if kv)
     out = []
     for sp in specs:
@@ -352,12 +361,12 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
     objective = objective_of(s, fam, args.bench)
     seed_everything(args.seed)                       # the same initial adapters for the same seed
     method = "lora" if task else args.method
-    if getattr(args, "init_from", None):             # MoRE: the saved run's |T| in Eq. 6 (transfer_options)
-        s = dict(s, options=transfer_options(method, s["options"],
-                                             json.loads((Path(args.init_from) / CONFIG_FILE).read_text())))
+    saved = saved_config(args.init_from) if getattr(args, "init_from", None) else None
+    if saved:                                        # MoRE: the saved run's |T| in Eq. 6 (transfer_options)
+        s = dict(s, options=transfer_options(method, s["options"], saved))
     targets = attach(backbone, method, s, len(specs), objective)
-    if getattr(args, "init_from", None):
-        mapping = task_map(args, specs)
+    if saved:
+        mapping = task_map(args, specs, saved)
         init_adapters_from(backbone, args.init_from, mapping)
         if main:
             print(f"adapters from {args.init_from}; per-task tensors: " + ", ".join(

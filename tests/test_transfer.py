@@ -128,3 +128,8 @@ def test_train_py_transfers_and_trains_k_shot(tiny_bert, tiny_tasks, tmp_path):
                                  "--max-steps", "1", "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "no saved task 'nope'" in bad.stdout + bad.stderr
+    gone = subprocess.run(base + ["--tasks", "pair", "--init-from", str(tmp_path / "nothing"), "--max-steps", "1",
+                                  "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert gone.returncode == 2 and "adapter_config.json: missing; --init-from takes a train.py --out directory" in (
+        gone.stdout + gone.stderr), gone.stderr[-2000:]

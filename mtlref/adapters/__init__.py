@@ -324,10 +324,11 @@ def init_adapters_from(model: nn.Module, path, task_map: list[int]) -> dict:
     cfg = json.loads(cfg_file.read_text())
     cfg["options"] = recorded_options(cfg, cfg_file)
     have = model.adapter_config
-    free = lambda o: {k: v for k, v in o.items() if k not in TRANSFER_FREE}  # noqa: E731
-    diff = [k for k in ("method", "targets", "rank", "alpha", "options")
-            if json.loads(json.dumps(free(have[k]) if k == "options" else have[k])) !=
-            (free(cfg[k]) if k == "options" else cfg[k])]
+
+    def compared(c: dict, k: str):       # as JSON holds it (tuples as lists), TRANSFER_FREE options left out
+        v = {o: x for o, x in c[k].items() if o not in TRANSFER_FREE} if k == "options" else c[k]
+        return json.loads(json.dumps(v))
+    diff = [k for k in ("method", "targets", "rank", "alpha", "options") if compared(have, k) != compared(cfg, k)]
     if diff:
         raise ValueError(f"{cfg_file}: these adapters differ from the run's (" + ", ".join(
             f"{k}: saved {cfg[k]!r} vs this run {have[k]!r}" for k in diff) + "); pass the same method and settings")
