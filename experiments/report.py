@@ -123,7 +123,7 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
               + (f" (the other cells: {min(ok):.2f}–{max(ok):.2f})" if ok else "")
               + ", i.e. the model's outputs hardly depend on its input; their training loss stopped falling "
               "early (the cells' logs). They count in the means, as the budget gave them.", ""]
-    elif suffix or len(vs) < len(summary):
+    elif len(vs) < len(summary):                       # one of several tables
         L += ["No cell of this table collapsed.", ""]
     if ref:
         L += [f"The last column: a paired t-test over the seeds both variants ran, on the average, against "
