@@ -178,14 +178,17 @@ def load_cli(name: str):
     return mod
 
 
-def report_from_analyses(tmp_path: Path) -> str:
-    """experiments/report.py with no result files and tmp_path/analyses: the document's text."""
-    doc = tmp_path / "doc" / "REPLICATION.md"
-    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "none"), "--analyses",
-                           str(tmp_path / "analyses"), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+def report(results: Path, analyses: Path, doc: Path) -> str:
+    """experiments/report.py on these result files and analyses: the document's text."""
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(results), "--analyses",
+                           str(analyses), "--out", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return doc.read_text()
+
+
+def report_from_analyses(tmp_path: Path) -> str:
+    """experiments/report.py with no result files and tmp_path/analyses: the document's text."""
+    return report(tmp_path / "none", tmp_path / "analyses", tmp_path / "doc" / "REPLICATION.md")
 
 
 def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_tasks, tmp_path):
@@ -302,12 +305,7 @@ def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_read
     (tmp_path / "results" / "fewshot").mkdir(parents=True)
     for f in files:
         (tmp_path / "results" / "fewshot" / f.name).write_text(f.read_text())
-    doc = tmp_path / "REPLICATION.md"
-    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
-                           "--analyses", str(tmp_path / "none"), "--out", str(doc)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = doc.read_text()
+    text = report(tmp_path / "results", tmp_path / "none", tmp_path / "REPLICATION.md")
     s = G.summarise(G.load_results(tmp_path / "results"))
     claim = [line for line in text.splitlines() if line.startswith("- MoRE (Table 4)")]
     assert len(claim) == 1 and "`more-cb-k32` − `lora-mt-cb-k32`" in claim[0]
@@ -331,12 +329,7 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     for r in cells:
         (tmp_path / "results" / r["grid"]).mkdir(parents=True, exist_ok=True)
         (tmp_path / "results" / r["grid"] / f"{r['variant']}__s{r['seed']}.json").write_text(json.dumps(r))
-    doc = tmp_path / "REPLICATION.md"
-    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
-                           "--analyses", str(tmp_path / "none"), "--out", str(doc)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = doc.read_text()
+    text = report(tmp_path / "results", tmp_path / "none", tmp_path / "REPLICATION.md")
     five, two = text.split("### Shared lr 5e-4")[1].split("### Shared lr 2e-3")
     claim = next(line for line in five.splitlines() if line.startswith("- MoRE (Table 1): MoRE above multi-task"))
     # seeds 0 and 1: (0.65 - 0.60 + 0.66 - 0.62) / 2 = +0.0450 (the means' difference would be +0.0200)
