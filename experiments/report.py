@@ -145,6 +145,28 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
     return L
 
 
+def across_tables(summary: dict, tables: list[dict]) -> list[str]:
+    """Each variant of the first table against its counterpart (same name, the other table's
+    suffix) in every other table: what the one setting that tells the tables apart changes."""
+    if len(tables) < 2:
+        return []
+    first, sfx = tables[0], tables[0].get("suffix", "")
+    L = []
+    for tab in tables[1:]:
+        pairs = [(v, v.removesuffix(sfx) + tab.get("suffix", "")) for v in first["variants"]]
+        pairs = [(v, w) for v, w in pairs if v in summary and w in summary]
+        if not pairs:
+            continue
+        L += [f"### {first.get('label', first.get('title'))} against {tab.get('label', tab.get('title'))}, "
+              "variant by variant", "",
+              "| variant | average | counterpart | average | difference (paired t over the shared seeds) |",
+              "|---|---:|---|---:|---|"]
+        L += [f"| {v} | {pm(summary[v]['average'], summary[v]['n'])} | {w} | {pm(summary[w]['average'], summary[w]['n'])}"
+              f" | {compare(summary, v, w)} |" for v, w in pairs]
+        L.append("")
+    return L
+
+
 def short_module(n: str) -> str:
     return (n.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "ao")
             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out"))
@@ -425,6 +447,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             ref = (base or vs[0]) if ref is None and name.startswith("ablation") else ref
             ref = few_ref if name == "fewshot" else ref   # MoRE against LoRA-MT at the same task and k
             L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel)
+        L += across_tables(summary, tables)
         if name == "fewshot":
             ref = few_ref
             pairs = [(v, ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")

@@ -337,6 +337,9 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     assert "- MoRE" not in two and "- MTL-LoRA" not in two                  # no claims on the 2e-3 table
     assert "| more | 1 |" in two and "+0.0300 (seed 0 only: no test)" in two  # 0.64 - 0.61 on seed 0
     assert "Collapsed cells: `lora-mt` s1" in two and "No cell of this table collapsed." in five
+    across = text.split("### lr 5e-4 against lr 2e-3, variant by variant")[1].split("##")[0]
+    assert "| more-lr5e-4 | 0.6550 ± 0.0071 | more | 0.6400 | +0.0100 (seed 0 only: no test) |" in across
+    assert "| lora-mt-lr5e-4 |" in across and "| lora-mt | 0.4550 ± 0.2192 | +0.1550, t = " in across   # seeds 0, 1
     ablation = text.split("## Grid `ablation-more`")[1].split("## ")[0]
     rows = [line for line in ablation.splitlines() if line.startswith("| ")][1:]    # below the header
     assert rows[0].startswith("| main/more-lr5e-4 | 2 |") and rows[1].startswith("| no-ste | 1 |")
