@@ -12,8 +12,8 @@ A grid is a JSON file (experiments/grids/*.json):
      "baseline": "main/more-lr5e-4"}                          # another grid's cells, the report's first row
 
 "tables" is optional: the report's tables of the grid, each of some of its variants (named as
-experiments/report.py's BENCH_NAME plus the table's suffix), compared within the table; the one
-with "claims" is where the papers' claims are checked. Without it, one table of every variant.
+experiments/report.py's BENCH_NAME plus the table's suffix), compared within the table; those
+with "claims" are where the papers' claims are checked. Without it, one table of every variant.
 "baseline" is optional too: a variant of another grid (an ablation's full method is the main
 grid's cell with the same flags), which the report puts first and compares every row with.
 
