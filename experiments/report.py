@@ -250,6 +250,11 @@ def tsne_figure(res: dict, path: Path) -> str | None:
     return str(path)
 
 
+def ran_with(res: dict) -> str:
+    """An analysis' torch threads, where its JSON records them."""
+    return f" ({res['threads']} torch thread(s))" if "threads" in res else ""
+
+
 def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     """MTL-LoRA Table 6 / Figure 1 from experiments/probe.py's JSON files."""
     files = sorted(analyses.glob("probe-*.json"))
@@ -259,7 +264,7 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     L = ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", ""]
     for f in files:
         res = json.loads(f.read_text())
-        L += [f"`{res['command']}` ({res['per_task']} test examples per task, seed {res['seed']}): a linear probe "
+        L += [f"`{res['command']}`{ran_with(res)} ({res['per_task']} test examples per task, seed {res['seed']}): a linear probe "
               "(logistic regression on standardised features) fitted on a stratified 40 % and scored on the other "
               "60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
               "| run | method | module | low-rank (dim) | full-rank (dim) |", "|---|---|---|---:|---:|"]
@@ -326,7 +331,7 @@ def embeddings_section(analyses: Path, figs: Path, rel) -> list[str]:
         cos = allm["cosine"]
         mean_off = sum(cos[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j) / (
             len(tasks) * (len(tasks) - 1))
-        L += [f"`{res['command']}`: the task embeddings e_t of block {res['block']}'s attention modules "
+        L += [f"`{res['command']}`{ran_with(res)}: the task embeddings e_t of block {res['block']}'s attention modules "
               f"({', '.join(f'`{n}`' for n in res['modules'] if n != 'all')}), PCA of each and of the four side by "
               f"side ({allm['dim']} numbers per task). PC1 + PC2 explain {allm['explained'][0]:.3f} + "
               f"{allm['explained'][1]:.3f} of the variance of the side-by-side embeddings; {len(tasks)} points "

@@ -223,12 +223,14 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
     out = tmp_path / "analyses" / "probe-tiny.json"
     assert probe.main([str(runs["lora"]), str(runs["mtl-lora"]), "--per-task", "10", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
+    assert res["threads"] == torch.get_num_threads()
     for run in res["runs"].values():
         for space, dim in (("low", cfg["rank"]), ("full", hidden)):
             r = run[space]
             assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["tsne"]) == 20
             assert r["n_train"] == 8 and r["n_test"] == 12                 # 40 / 60 of 20 examples
     text = report_from_analyses(tmp_path)
+    assert f"`{res['command']}` ({res['threads']} torch thread(s))" in text
     for name, run in res["runs"].items():
         assert f"| `{name}` | {run['method']} |" in text and f"{run['low']['macro_f1']:.3f} ({cfg['rank']})" in text
     assert "![t-SNE of the features](replication/probe-tiny-tsne.png)" in text
