@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON to write (experiments/analyses/embeddings-*.json)")
     args = p.parse_args(argv)
     res = analyse(Path(args.run), args.scale_down)
-    res = {"schema": 1, "threads": torch.get_num_threads(), "command": "python experiments/embeddings.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"schema": 1, "threads": torch.get_num_threads(),
+           "command": "python experiments/embeddings.py " + " ".join(sys.argv[1:] if argv is None else argv),
            **res}
     a = res["modules"]["all"]
     print(f"{args.run}: block {res['block']}, {len(res['modules']) - 1} attention modules; PCA of all: "

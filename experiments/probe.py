@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON to write (experiments/analyses/probe-*.json)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    out = {"schema": 1, "threads": torch.get_num_threads(), "command": "python experiments/probe.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"schema": 1, "threads": torch.get_num_threads(),
+           "command": "python experiments/probe.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "per_task": args.per_task, "seed": args.seed, "runs": {}}
     for run in args.runs:
         f = features(Path(run), args.per_task, args.seed, args.module, args.data_dir)

@@ -264,7 +264,8 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     L = ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", ""]
     for f in files:
         res = json.loads(f.read_text())
-        L += [f"`{res['command']}`{ran_with(res)} ({res['per_task']} test examples per task, seed {res['seed']}): a linear probe "
+        L += [f"`{res['command']}`{ran_with(res)} ({res['per_task']} test examples per task, seed {res['seed']}): "
+              "a linear probe "
               "(logistic regression on standardised features) fitted on a stratified 40 % and scored on the other "
               "60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
               "| run | method | module | low-rank (dim) | full-rank (dim) |", "|---|---|---|---:|---:|"]
@@ -454,9 +455,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel)
         L += across_tables(summary, tables)
         if name == "fewshot":
-            ref = few_ref
-            pairs = [(v, ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
-                     and ref(v) in summary]
+            pairs = [(v, few_ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
+                     and few_ref(v) in summary]
             if pairs:
                 L += ["### What agrees with MoRE's Table 4 and what does not", ""]
                 for v, r_ in pairs:
