@@ -423,8 +423,13 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     total_wall = sum(r["wall_s"] for r in records)
     total_cpu = sum(r["wall_s"] * r["threads"] for r in records)
     L += [f"**Cells finished: {len(records)}**, {total_wall / 3600:.2f} h of wall time summed over cells, "
-          f"{total_cpu / 3600:.2f} core-hours (wall × threads). Where they ran: {machines_line(records) or 'nowhere yet'}.",
-          ""]
+          f"{total_cpu / 3600:.2f} core-hours (wall × threads). Where they ran: {machines_line(records) or 'nowhere yet'}."]
+    short = [f"`{r['grid']}/{r['variant']}/s{r['seed']}`" for r in records
+             if r.get("resumed") and "wall_s_before_resume" not in r["metrics"]]
+    if short:                                          # resumed before train.py carried a run's wall over
+        L += ["", f"{len(short)} resumed cell(s) count the wall time of their last process only (they ran before "
+                  f"a resumed run added its earlier processes' time), so the sums are low by those: {', '.join(short)}."]
+    L += [""]
     L += plan_section(records)
     for name, rs in grids.items():
         path = ROOT / "experiments" / "grids" / f"{name}.json"

@@ -167,7 +167,8 @@ def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, re
     return {"schema": SCHEMA, "grid": cell.grid, "variant": cell.variant, "seed": cell.seed,
             "command": shell_line(argv, env), "argv": argv, "env": env, "git": git or git_state(),
             "machine": bench.machine(device or "cpu"), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
-            "wall_s": round(wall_s, 1), "resumed": resumed,
+            # a resumed cell: this process's wall + the run's earlier processes' (train.py's metrics.json)
+            "wall_s": round(wall_s + metrics.get("wall_s_before_resume", 0.0), 1), "resumed": resumed,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "method": metrics.get("method"), "trainable_params": metrics.get("trainable_params"),
             "trainable_percent": metrics.get("trainable_percent"), "metrics": metrics,

@@ -416,6 +416,7 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
         test_eval = make_evaluator(model, encoder, specs, splits, "test", args.eval_batch_size, device,
                                    args.precision)
     reported = {}
+    clock = {"before": 0.0}     # wall seconds of the earlier segments of a resumed run, up to its checkpoint
 
     def on_best(step, val):
         if main:
@@ -424,12 +425,17 @@ def fit_tasks(args, s: dict, backbone, tok, specs, splits, out: Path, model_dir:
         reported.update(val if same else test_eval(), step=step)
 
     fit(model, iter(batches), cfg, evaluate=evaluate, on_best=on_best, log_path=out / "log.jsonl",
-        get_state=lambda: {"batches": batches.state_dict(), "reported": reported},
-        set_state=lambda st: (batches.load_state_dict(st["batches"]), reported.update(st["reported"])))
+        get_state=lambda: {"batches": batches.state_dict(), "reported": reported,
+                           "wall_s": clock["before"] + time.time() - t_start},
+        set_state=lambda st: (batches.load_state_dict(st["batches"]), reported.update(st["reported"]),
+                              clock.update(before=st.get("wall_s", 0.0))))
     metrics = {"tasks": reported["tasks"], "average": reported["average"], "best_step": reported["step"],
                "split": reported_split(s, args.bench), "method": method, "model": model_dir.name,
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
-               "head_params": head_params, "steps": steps, "wall_s": round(time.time() - t_start, 1),
+               "head_params": head_params, "steps": steps,
+               # resumed: this segment + the earlier ones up to the checkpoint (work redone after it counts once)
+               "wall_s": round(clock["before"] + time.time() - t_start, 1),
+               "wall_s_before_resume": round(clock["before"], 1),
                "threads": torch.get_num_threads(), "openmp": {k: os.environ.get(k) for k in OPENMP_ENV},
                "precision": args.precision, "device": str(device), "settings": dict(s)}
     if main:
@@ -495,12 +501,14 @@ def train_single_task(args, s, backbone, tok, specs, splits, out: Path, model_di
         raise ValueError("--single-task runs its tasks one after another in one process; launch it without "
                          "torchrun (each task alone fits where the multi-task run does)")
     states, heads, per_task = {}, {}, {}
+    before = 0.0                                     # wall seconds spent on these tasks before this process
     for spec in specs:
         task_out = out / "tasks" / spec.name
         one = task_splits(splits, spec.name)
         if args.resume and (task_out / "metrics.json").is_file():
             print(f"LoRA-ST: {spec.name} finished before, loading {task_out}", flush=True)
             per_task[spec.name] = json.loads((task_out / "metrics.json").read_text())
+            before += per_task[spec.name]["wall_s"]
             objective = per_task[spec.name]["objective"]
             model = build_model(backbone, tok, [spec], objective, args.pooling)
             load_adapters(backbone, task_out, extra_modules={"heads": model.heads} if objective == "head" else None)
@@ -508,6 +516,7 @@ def train_single_task(args, s, backbone, tok, specs, splits, out: Path, model_di
             resume = args.resume and checkpoint_path(task_out / "checkpoint").is_file()
             per_task[spec.name] = fit_tasks(args, s, backbone, tok, [spec], one, task_out, model_dir, device,
                                             resume, task=spec.name)
+            before += per_task[spec.name]["wall_s_before_resume"]
             objective = per_task[spec.name]["objective"]
             model = build_model(backbone, tok, [spec], objective, args.pooling)
             load_adapters(detach_adapters(backbone), task_out,          # the task's reported (best) adapters
@@ -516,13 +525,14 @@ def train_single_task(args, s, backbone, tok, specs, splits, out: Path, model_di
         heads[spec.name] = model.heads.state_dict() if objective == "head" else None
         detach_adapters(backbone)
     return stack_single_task(args, s, backbone, tok, specs, splits, out, model_dir, device, states, heads,
-                             per_task)
+                             per_task, before)
 
 
 def stack_single_task(args, s, backbone, tok, specs, splits, out, model_dir, device, states, heads,
-                      per_task) -> dict:
+                      per_task, wall_before: float = 0.0) -> dict:
     """One per-task LoRA holding every task's adapter (lora_A[t] = task t's A ...), scored on the
-    test sets: the numbers eval.py reproduces from <out>/."""
+    test sets: the numbers eval.py reproduces from <out>/. wall_before: the seconds spent on
+    these tasks by earlier processes of a resumed run (their share of the summed wall_s)."""
     t_start = time.time()
     objective = objective_of(s, family(backbone), args.bench)
     st = dict(s, options={**s["options"], "per_task": True})
@@ -552,6 +562,7 @@ def stack_single_task(args, s, backbone, tok, specs, splits, out, model_dir, dev
                "trainable_percent_per_task": percent / len(specs), "head_params": sum(m["head_params"] for m in
                                                                                      per_task.values()),
                "wall_s": round(sum(m["wall_s"] for m in per_task.values()) + time.time() - t_start, 1),
+               "wall_s_before_resume": round(wall_before, 1),
                "settings": dict(s), "per_task_runs": {t: str(out / "tasks" / t) for t in per_task}}
     out.mkdir(parents=True, exist_ok=True)
     save_adapters(backbone, out, extra_modules={"heads": model.heads} if objective == "head" else None,

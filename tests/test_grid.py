@@ -170,6 +170,19 @@ def test_a_killed_grid_resumes_its_cell(tiny_bert, tiny_tasks, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)     # bit for bit
 
 
+def test_a_resumed_cell_records_the_wall_time_of_all_its_processes(tmp_path):
+    """G.record: the runner's wall for this process + train.py's wall_s_before_resume (the killed
+    processes' time up to the checkpoint), so the grid's summed time counts a resumed cell whole."""
+    cell = G.Cell("g", "v", 0, ("train.py", "--method", "lora"))
+    out = cell.out(tmp_path)
+    out.mkdir(parents=True)
+    for before, resumed in ((0.0, False), (600.0, True)):
+        (out / "metrics.json").write_text(json.dumps({"wall_s": 110.0 + before, "wall_s_before_resume": before,
+                                                      "threads": 1, "average": 0.5, "tasks": {}}))
+        rec = G.record(cell, ["train.py"], {"OMP_NUM_THREADS": "1"}, tmp_path, 112.0, resumed, "cpu")
+        assert rec["wall_s"] == 112.0 + before and rec["resumed"] is resumed
+
+
 def load_cli(name: str):
     """An experiments/ script as a module (they are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "experiments" / f"{name}.py")
@@ -326,12 +339,17 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
                 "metrics": {"tasks": tasks, "average": avg, "split": "test", "steps": 10}}
     cells = [rec("lora-mt-lr5e-4", 0, 0.60), rec("lora-mt-lr5e-4", 1, 0.62), rec("lora-mt-lr5e-4", 2, 0.70),
              rec("more-lr5e-4", 0, 0.65), rec("more-lr5e-4", 1, 0.66),
-             rec("lora-mt", 0, 0.61), rec("lora-mt", 1, 0.30, stsb=0.01), rec("more", 0, 0.64),
+             rec("lora-mt", 0, 0.61), rec("lora-mt", 1, 0.30, stsb=0.01), dict(rec("more", 0, 0.64), resumed=True),
              dict(rec("no-ste", 0, 0.61), grid="ablation-more")]      # its baseline: main/more-lr5e-4
+    cells[0]["resumed"] = True                                        # resumed, its earlier processes counted
+    cells[0]["metrics"]["wall_s_before_resume"] = 30.0
     for r in cells:
         (tmp_path / "results" / r["grid"]).mkdir(parents=True, exist_ok=True)
         (tmp_path / "results" / r["grid"] / f"{r['variant']}__s{r['seed']}.json").write_text(json.dumps(r))
     text = report(tmp_path / "results", tmp_path / "none", tmp_path / "REPLICATION.md")
+    # a cell resumed before train.py counted its earlier processes is named; the one resumed after is not
+    assert "\n1 resumed cell(s) count the wall time of their last process only" in text
+    assert text.split("last process only")[1].split("\n")[0].endswith(": `main/more/s0`.")
     five, two = text.split("### Shared lr 5e-4")[1].split("### Shared lr 2e-3")
     claim = next(line for line in five.splitlines() if line.startswith("- MoRE (Table 1): MoRE above multi-task"))
     # seeds 0 and 1: (0.65 - 0.60 + 0.66 - 0.62) / 2 = +0.0450 (the means' difference would be +0.0150)

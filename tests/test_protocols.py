@@ -262,6 +262,13 @@ def test_lora_st_trains_each_task_alone(tiny_bert, tiny_tasks, tmp_path):
                            stacked["encoder.layer.0.attention.self.query.adapter.lora_B"][1])
     again = eval_cli.main(["--checkpoint", str(tmp_path / "st")])
     assert again["tasks"] == st["tasks"]
+    # --resume once every task has finished: each is loaded, not trained again, and its wall time is
+    # counted as the earlier processes' (a resumed grid cell sums both)
+    resumed = train_cli.main(common + ["--single-task", "--resume", "--out", str(tmp_path / "st")])
+    tasks_wall = sum(json.loads((tmp_path / "st" / "tasks" / t / "metrics.json").read_text())["wall_s"]
+                     for t in ("sentiment", "pair"))
+    assert resumed["tasks"] == st["tasks"] and st["wall_s_before_resume"] == 0
+    assert resumed["wall_s_before_resume"] == round(tasks_wall, 1)
 
 
 def test_eq10_lambda_and_the_balance_weight_reach_the_loop(tiny_bert, tiny_tasks, tmp_path, monkeypatch):

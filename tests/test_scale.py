@@ -279,6 +279,10 @@ def test_a_killed_run_resumes_bitwise_identically(tiny_bert, tiny_tasks, tmp_pat
 
     resumed = run_ok(*flags, "--resume", out=tmp_path / "killed", model=tiny_bert, tasks=tiny_tasks)
     assert re.search(rf"resumed from .* at step {info['step']}", resumed.stdout)
+    # the wall time counts the killed process up to its checkpoint as well as this one
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["wall_s_before_resume"] == round(info["caller"]["wall_s"], 1) and info["caller"]["wall_s"] > 0
+    assert metrics["wall_s"] > metrics["wall_s_before_resume"]
     whole, again = adapter(tmp_path / "whole"), adapter(tmp_path / "killed")
     assert whole.keys() == again.keys()
     for k in whole:
