@@ -265,9 +265,8 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
     for f in files:
         res = json.loads(f.read_text())
         L += [f"`{res['command']}`{ran_with(res)} ({res['per_task']} test examples per task, seed {res['seed']}): "
-              "a linear probe "
-              "(logistic regression on standardised features) fitted on a stratified 40 % and scored on the other "
-              "60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
+              "a linear probe (logistic regression on standardised features) fitted on a stratified 40 % and "
+              "scored on the other 60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
               "| run | method | module | low-rank (dim) | full-rank (dim) |", "|---|---|---|---:|---:|"]
         for name, r in res["runs"].items():
             L.append(f"| `{name}` | {r['method']} | `{r['module']}` | {r['low']['macro_f1']:.3f} ({r['low']['dim']}) | "
