@@ -33,6 +33,18 @@ PAPER_CLAIMS = [("mtl-lora", "lora-mt", "MTL-LoRA (Tables 2-4): MTL-LoRA above L
                 ("more", "mixlora", "MoRE (Table 1): MoRE above MixLoRA"),
                 ("more", "mtl-lora", "MoRE (Table 1): MoRE above MTL-LoRA"),
                 ("dora", "lora-mt", "MTL-LoRA (Table 7, commonsense): DoRA above LoRA")]
+# Each paper's Table 5 (GLUE average): its full method's and each ablated row's, keyed by our
+# variant names. These are the papers' numbers (their backbone and budget), quoted to set the
+# direction and size beside ours; none is a measurement here.
+PAPER_ABLATIONS = {
+    "ablation-mtl-lora": ("MTL-LoRA's Table 5 (LLaMA-2-7B)", 0.8996,
+                          {"no-task-lambda": ("w/o Λ_t", 0.8956), "no-tau": ("w/o τ", 0.8895), "n-1": ("n = 1", 0.8886)}),
+    "ablation-more": ("MoRE's Table 5 (T5-base)", 0.873,
+                      {"no-linear-scaling": ("w/o linear scaling", 0.870), "no-task-embedding": ("w/o task embeddings", 0.861),
+                       "no-contrastive": ("w/o CL optimization", 0.863), "no-ste": ("w/o STE", 0.864),
+                       "random-sampling": ("w/ random sample", 0.862), "subset-experts": ("w/ subset experts", 0.862)}),
+}
+NEAR_CHANCE_MCC = 0.1       # |MCC| below this: hardly better than one class (MCC 0)
 
 
 def pm(ms: tuple[float, float], n: int) -> str:
@@ -84,7 +96,7 @@ def compare(summary: dict, v: str, ref: str) -> str:
     if t is None:
         d, seeds = shared_diff(summary, v, ref)
         return f"{d:+.4f} (seed {seeds[0]} only: no test)" if seeds else "no shared seed"
-    return (f"{t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}, critical {t['critical']}): "
+    return (f"{t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}, critical {t['critical']}, p = {t['p']:.3f}): "
             + ("**exceeds the seed spread**" if t["significant"] else "within the seed spread"))
 
 
@@ -141,7 +153,28 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
                 d, said = verdict(summary, v, r_)
                 L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average over the shared seeds "
                          f"({compare(summary, v, r_)}): {said}.")
-            L.append("")
+            L += [""] + caveats(summary, vs, claims)
+    return L
+
+
+def caveats(summary: dict, vs: list[str], claims: list[tuple[str, str, str]]) -> list[str]:
+    """What the claims' tests do not account for: testing several claims at once (Holm-Bonferroni
+    over those with a test), and a task that no variant learned (an MCC near 0 in every row)."""
+    L = []
+    tested = [(v, r_, t) for v, r_, _ in claims if (t := G.paired_t(summary[v]["seeds"], summary[r_]["seeds"]))]
+    if len(tested) > 1:
+        kept = [f"`{v}` − `{r_}` (p = {t['p']:.3f})" for (v, r_, t), k in zip(tested, G.holm([t["p"] for *_, t in tested]))
+                if k]
+        L += [f"Each claim is tested on its own at 5 %: were no difference real, one or more of these {len(tested)} "
+              f"tests would still pass with probability {1 - 0.95 ** len(tested):.0%} (were they independent). "
+              f"Holm–Bonferroni over the {len(tested)} (family-wise error kept at 5 %) keeps: "
+              f"{', '.join(kept) if kept else 'none of them'}.", ""]
+    for task in [t for t in TASK_NAMES if G.metric_name(t) == "mcc"]:
+        means = [summary[v]["tasks"][task][0] for v in vs if task in summary[v]["tasks"]]
+        if means and all(abs(m) < NEAR_CHANCE_MCC for m in means):
+            L += [f"{TASK_NAMES[task]}: every variant's mean MCC lies in [{min(means):+.4f}, {max(means):+.4f}], within "
+                  f"±{NEAR_CHANCE_MCC} of the one-class score 0: at this budget no method learned it, so its column tells "
+                  "no method from another; it still counts in every average.", ""]
     return L
 
 
@@ -164,6 +197,57 @@ def across_tables(summary: dict, tables: list[dict]) -> list[str]:
         L += [f"| {v} | {pm(summary[v]['average'], summary[v]['n'])} | {w} | {pm(summary[w]['average'], summary[w]['n'])}"
               f" | {compare(summary, v, w)} |" for v, w in pairs]
         L.append("")
+    return L
+
+
+def ablation_section(summary: dict, grid: str, base: str, records: list[dict]) -> list[str]:
+    """Each ablated row against the full method (the baseline's cells) and the paper's Table 5:
+    the paper has every row below its full method. A row on one seed is judged against the full
+    method's seed spread; one within it needs 3 seeds (the grid's rule), and the section names them
+    with the command that runs them."""
+    paper, full, rows = PAPER_ABLATIONS[grid]
+    sigma, n_base = summary[base]["average"][1], summary[base]["n"]
+    lim = 2 * 2 ** 0.5 * sigma
+    L = [f"#### What agrees with {paper} and what does not", "",
+         f"The paper has every row below its full method (GLUE average {full:.4f}); its drop is quoted from its "
+         f"table, ours is the row's average minus `{base}`'s over the seeds both ran. A row with 2 or more seeds "
+         "gets the paired t-test; a row on one seed is beyond the seed spread when its difference exceeds "
+         f"2√2 σ = {lim:.4f}, σ = {sigma:.4f} the full method's sample std over its {n_base} seeds (a difference of "
+         "two one-seed runs has std √2 σ; 2√2 σ is its two-sided 95 % for normal noise, with σ itself from few "
+         "seeds).", ""]
+    need = []
+    for v, (label, theirs) in rows.items():
+        if v not in summary:
+            L.append(f"- {label} (`{v}`): no cell has finished yet.")
+            continue
+        d, seeds = shared_diff(summary, v, base)
+        t = G.paired_t(summary[v]["seeds"], summary[base]["seeds"])
+        if t is not None:
+            how, within = compare(summary, v, base), not t["significant"]
+        elif seeds and n_base > 1:
+            within = abs(d) <= lim
+            how = f"seed {seeds[0]} only: {'within' if within else 'beyond'} the spread, |{d:+.4f}| vs {lim:.4f}"
+        else:
+            how, within = "no shared seed with a spread to judge it by", True
+        if within and len(seeds) < 3:
+            need.append(v)
+        L.append(f"- {label} (`{v}`): the paper {theirs - full:+.4f}; here {d:+.4f} ({how}): "
+                 + ("agrees" if d < 0 else "does not agree") + (", but within the seed spread" if within else
+                                                                 ", beyond the seed spread") + ".")
+    if grid == "ablation-mtl-lora" and "n-1" in summary:   # the paper: n = 1 falls below LoRA-MT
+        lora = base.replace("mtl-lora", "lora-mt", 1)
+        rs = [dict(r, variant=lora) for r in records if f"{r['grid']}/{r['variant']}" == lora]
+        if rs:
+            both = {**summary, **G.summarise(rs)}
+            d, _ = shared_diff(both, "n-1", lora)
+            L.append(f"- MTL-LoRA's text: with n = 1 MTL-LoRA falls below LoRA-MT (its Table 5: 0.8886 vs 0.8887). "
+                     f"Here `n-1` − `{lora}` = {d:+.4f} ({compare(both, 'n-1', lora)}): "
+                     + ("agrees" if d < 0 else "does not agree") + ".")
+    L.append("")
+    if need:
+        L += [f"Within the spread on fewer than 3 seeds, so by the grid's rule (one seed unless the effect is within "
+              f"the spread, then 3) still to run: {', '.join(f'`{v}`' for v in need)}: `python experiments/run.py "
+              f"experiments/grids/{grid}.json --variants {','.join(need)} --seeds 1,2 --jobs 2`.", ""]
     return L
 
 
@@ -458,6 +542,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             ref = few_ref if name == "fewshot" else ref   # MoRE against LoRA-MT at the same task and k
             L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel)
         L += across_tables(summary, tables)
+        if name in PAPER_ABLATIONS and base in summary:
+            L += ablation_section(summary, name, base, records)
         if name == "fewshot":
             pairs = [(v, few_ref(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
                      and few_ref(v) in summary]
@@ -467,7 +553,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                     d, said = verdict(summary, v, r_)
                     L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
                              f"{d:+.4f}: {said}.")
-                L.append("")
+                L += [""] + caveats(summary, order, [(v, r_, "") for v, r_ in pairs])
             other = [(v, v.removesuffix("-t1")) for v in order if v.endswith("-t1") and v.removesuffix("-t1") in summary]
             if other:
                 L += ["Which |T| a transfer puts in Eq. 6 (the `-t1` cells: |T| = 1, the new run's own task count, "

@@ -261,6 +261,38 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with `df` (a whole number) degrees of freedom, in closed form
+    (Abramowitz & Stegun 26.7.3-4, with theta = atan(|t| / sqrt(df))): 1 - A(t | df)."""
+    if math.isinf(t):
+        return 0.0
+    th = math.atan(abs(t) / math.sqrt(df))
+    c2, term, acc = math.cos(th) ** 2, 1.0, 1.0
+    if df % 2:                       # odd: A = (2/pi)(theta + sin cos (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...))
+        for k in range(1, (df - 1) // 2):
+            term *= (2 * k) / (2 * k + 1) * c2
+            acc += term
+        a = 2 / math.pi * (th + (math.sin(th) * math.cos(th) * acc if df > 1 else 0.0))
+    else:                            # even: A = sin (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...)
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            acc += term
+        a = math.sin(th) * acc
+    return max(0.0, 1.0 - a)
+
+
+def holm(pvalues: list[float], alpha: float = 0.05) -> list[bool]:
+    """Holm-Bonferroni: which of the hypotheses are rejected with the family-wise error kept at
+    `alpha` (the smallest p against alpha/m, the next against alpha/(m-1), ..., stopping at the first
+    that is not below)."""
+    out, m = [False] * len(pvalues), len(pvalues)
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        if pvalues[i] >= alpha / (m - rank):
+            break
+        out[i] = True
+    return out
+
+
 def paired_t(a: dict[int, float], b: dict[int, float]) -> dict | None:
     """Paired t-test over the seeds both have: mean difference a - b, t, and whether |t| exceeds
     the two-sided 95 % critical value (None with fewer than 2 shared seeds, or df above the table)."""
@@ -270,7 +302,8 @@ def paired_t(a: dict[int, float], b: dict[int, float]) -> dict | None:
     d = [a[s] - b[s] for s in seeds]
     m, sd = mean_std(d)
     t = math.inf if sd == 0 and m != 0 else (0.0 if sd == 0 else m / (sd / math.sqrt(len(d))))
-    return {"n": len(d), "mean_diff": m, "t": t, "critical": T975[len(d) - 1], "significant": abs(t) > T975[len(d) - 1]}
+    return {"n": len(d), "mean_diff": m, "t": t, "critical": T975[len(d) - 1], "significant": abs(t) > T975[len(d) - 1],
+            "p": t_two_sided_p(t, len(d) - 1)}
 
 
 def main_metric(task: str, task_metrics: dict) -> float:

@@ -80,6 +80,19 @@ def test_paired_t_over_seeds():
     assert G.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and G.mean_std([5.0]) == (5.0, 0.0)
 
 
+def test_t_p_values_match_the_critical_values_and_holm_keeps_the_family_wise_level():
+    for df, crit in G.T975.items():                     # each tabled two-sided 95 % value has p = 0.05
+        assert G.t_two_sided_p(crit, df) == pytest.approx(0.05, abs=1e-4), df
+    assert G.t_two_sided_p(1.0, 1) == pytest.approx(0.5)                 # Cauchy: P(|T| > 1) = 1/2
+    assert G.t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))   # df 2: 1 - t / sqrt(2 + t^2)
+    assert G.t_two_sided_p(0.0, 5) == 1.0 and G.t_two_sided_p(math.inf, 2) == 0.0
+    assert G.t_two_sided_p(-3.0, 4) == G.t_two_sided_p(3.0, 4)
+    assert G.paired_t({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.63, 2: 0.61})["p"] < 0.05
+    # Holm over 4: 0.01 < 0.05/4 rejected; 0.02 >= 0.05/3 stops, so 0.03 is kept although 0.03 < 0.05/2
+    assert G.holm([0.03, 0.01, 0.02, 0.5]) == [False, True, False, False]
+    assert G.holm([0.001, 0.012, 0.02]) == [True, True, True] and G.holm([]) == []
+
+
 def test_a_cell_whose_sts_b_pearson_is_near_zero_is_flagged_collapsed():
     def rec(seed, pearson):
         tasks = {"sst2": {"accuracy": 0.51}} | ({"stsb": {"pearson": pearson, "spearman": 0.0}} if pearson is not None
@@ -340,7 +353,8 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     cells = [rec("lora-mt-lr5e-4", 0, 0.60), rec("lora-mt-lr5e-4", 1, 0.62), rec("lora-mt-lr5e-4", 2, 0.70),
              rec("more-lr5e-4", 0, 0.65), rec("more-lr5e-4", 1, 0.66),
              rec("lora-mt", 0, 0.61), rec("lora-mt", 1, 0.30, stsb=0.01), dict(rec("more", 0, 0.64), resumed=True),
-             dict(rec("no-ste", 0, 0.61), grid="ablation-more")]      # its baseline: main/more-lr5e-4
+             dict(rec("no-ste", 0, 0.61), grid="ablation-more"),      # its baseline: main/more-lr5e-4
+             dict(rec("no-contrastive", 0, 0.645), grid="ablation-more")]
     cells[0]["resumed"] = True                                        # resumed, its earlier processes counted
     cells[0]["metrics"]["wall_s_before_resume"] = 30.0
     for r in cells:
@@ -362,8 +376,35 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     across = text.split("### lr 5e-4 against lr 2e-3, variant by variant")[1].split("##")[0]
     assert "| more-lr5e-4 | 0.6550 ± 0.0071 | more | 0.6400 | +0.0100 (seed 0 only: no test) |" in across
     assert "| lora-mt-lr5e-4 |" in across and "| lora-mt | 0.4550 ± 0.2192 | +0.1550, t = " in across   # seeds 0, 1
-    ablation = text.split("## Grid `ablation-more`")[1].split("## ")[0]
+    ablation = text.split("## Grid `ablation-more`")[1].split("\n## ")[0]
     rows = [line for line in ablation.splitlines() if line.startswith("| ")][1:]    # below the header
-    assert rows[0].startswith("| main/more-lr5e-4 | 2 |") and rows[1].startswith("| no-ste | 1 |")
-    assert "vs main/more-lr5e-4" in ablation and rows[1].endswith("| -0.0400 (seed 0 only: no test) |")
-    assert "1 cells;" in ablation                                        # its own cells only
+    assert rows[0].startswith("| main/more-lr5e-4 | 2 |") and rows[2].startswith("| no-ste | 1 |")
+    assert "vs main/more-lr5e-4" in ablation and rows[2].endswith("| -0.0400 (seed 0 only: no test) |")
+    assert "2 cells;" in ablation                                        # its own cells only
+    # against MoRE's Table 5: the full method's seeds 0.65, 0.66 give sigma 0.0071, so 2 sqrt 2 sigma = 0.0200
+    assert "2√2 σ = 0.0200, σ = 0.0071" in ablation
+    assert ("- w/o STE (`no-ste`): the paper -0.0090; here -0.0400 (seed 0 only: beyond the spread, |-0.0400| vs "
+            "0.0200): agrees, beyond the seed spread." in ablation)
+    assert ("- w/o CL optimization (`no-contrastive`): the paper -0.0100; here -0.0050 (seed 0 only: within the "
+            "spread, |-0.0050| vs 0.0200): agrees, but within the seed spread." in ablation)
+    assert "- w/o task embeddings (`no-task-embedding`): no cell has finished yet." in ablation
+    assert ("still to run: `no-contrastive`: `python experiments/run.py experiments/grids/ablation-more.json "
+            "--variants no-contrastive --seeds 1,2 --jobs 2`") in ablation
+
+
+def test_the_claims_are_corrected_for_testing_several_and_a_task_no_variant_learned_is_named():
+    """caveats(): Holm-Bonferroni over the claims that have a test, and CoLA named when every
+    variant's mean MCC is within 0.1 of 0 (and not when one variant learned it)."""
+    def var(seeds, cola):
+        return {"seeds": seeds, "tasks": {"cola": (cola, 0.01), "sst2": (0.8, 0.01)}}
+    summary = {"a": var({0: 0.70, 1: 0.72, 2: 0.71}, 0.05), "b": var({0: 0.60, 1: 0.63, 2: 0.61}, -0.02),
+               "c": var({0: 0.70, 1: 0.60, 2: 0.71}, 0.09), "d": var({0: 0.7}, 0.0)}
+    claims = [("a", "b", "p1"), ("c", "b", "p2"), ("d", "b", "p3")]    # d: one seed, no test
+    pa = G.paired_t(summary["a"]["seeds"], summary["b"]["seeds"])["p"]
+    report_cli = load_cli("report")
+    text = "\n".join(report_cli.caveats(summary, list(summary), claims))
+    assert "one or more of these 2 tests would still pass with probability 10%" in text
+    assert f"keeps: `a` − `b` (p = {pa:.3f})." in text and "`c` − `b`" not in text
+    assert "CoLA: every variant's mean MCC lies in [-0.0200, +0.0900]" in text
+    summary["c"]["tasks"]["cola"] = (0.25, 0.01)
+    assert "CoLA" not in "\n".join(report_cli.caveats(summary, list(summary), claims))
