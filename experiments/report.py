@@ -10,6 +10,7 @@ typed. Figures need matplotlib (`pip install -e ".[analysis]"`); without it the 
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,42 @@ PAPER_ABLATIONS = {
                        "random-sampling": ("w/ random sample", 0.862), "subset-experts": ("w/ subset experts", 0.862)}),
 }
 NEAR_CHANCE_MCC = 0.1       # |MCC| below this: hardly better than one class (MCC 0)
+# Every claim a section checks, as (the paper's claim, what was found here, agrees, how surely:
+# "beyond" / "within" the seed spread or "untested", the section's heading): the summary lists them.
+FOUND: list[tuple[str, str, bool, str, str]] = []
+
+
+def finding(paper: str, here: str, agrees: bool, how: str, section: str) -> None:
+    FOUND.append((paper, here, agrees, how, section))
+
+
+def anchor(heading: str) -> str:
+    """The link target a Markdown renderer (GitHub's rule) gives a heading."""
+    return "#" + re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def findings_section() -> list[str]:
+    """The plain summary: every claim checked below, grouped by what came out, each pointing to the
+    section that holds its numbers."""
+    L = ["## What agrees with the papers and what does not", "",
+         "Every claim the sections below check, one line each, with the section that holds its numbers. "
+         "\"Beyond the seed spread\": a paired t-test over seeds at 5 % (for an ablation row on one seed, the "
+         "rule its section states); each test on its own, not corrected for the number of claims (the tables' "
+         "sections say what Holm–Bonferroni keeps). \"Untested\": one seed or one split, a direction only.", ""]
+    if not FOUND:
+        return L + ["No claim could be checked yet.", ""]
+    groups = [(True, "beyond", "Agrees, beyond the seed spread"), (True, "within", "Agrees, within the seed spread"),
+              (True, "untested", "Agrees in direction, untested"),
+              (False, "untested", "Does not agree in direction, untested"),
+              (False, "within", "Does not agree, within the seed spread"),
+              (False, "beyond", "Does not agree, beyond the seed spread")]
+    for agrees, how, title in groups:
+        rows = [f for f in FOUND if f[2] is agrees and f[3] == how]
+        if rows:
+            L += [f"**{title}** ({len(rows)}):", ""]
+            L += [f"- {paper}: {here} ([{section}]({anchor(section)}))" for paper, here, _, _, section in rows]
+            L.append("")
+    return L
 
 
 def pm(ms: tuple[float, float], n: int) -> str:
@@ -108,16 +145,24 @@ def shared_diff(summary: dict, v: str, ref: str) -> tuple[float, list[int]]:
     return (sum(a[k] - b[k] for k in seeds) / len(seeds) if seeds else float("nan")), seeds
 
 
-def verdict(summary: dict, v: str, ref: str) -> tuple[float, str]:
+def verdict(summary: dict, v: str, ref: str) -> tuple[float, str, str | None]:
     """(mean difference of the averages over the shared seeds, whether it agrees with a paper saying
-    v > ref, and how surely)."""
+    v > ref and how surely, that last as "beyond" / "within" / "untested"; None: no shared seed)."""
     d, seeds = shared_diff(summary, v, ref)
     if not seeds:
-        return d, "not yet comparable (no seed both ran)"
+        return d, "not yet comparable (no seed both ran)", None
     t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
-    return d, ("agrees" if d > 0 else "does not agree") + (
-        " in sign, on fewer than 2 shared seeds (no test yet)" if t is None else
-        (", beyond the seed spread" if t["significant"] else ", but within the seed spread"))
+    how = "untested" if t is None else "beyond" if t["significant"] else "within"
+    return d, ("agrees" if d > 0 else "does not agree") + {
+        "untested": " in sign, on fewer than 2 shared seeds (no test yet)", "beyond": ", beyond the seed spread",
+        "within": ", but within the seed spread"}[how], how
+
+
+def here(summary: dict, v: str, ref: str, d: float) -> str:
+    """A claim's figure for the summary: the difference, its seeds and its test's p."""
+    t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
+    n = len(shared_diff(summary, v, ref)[1])
+    return f"`{v}` − `{ref}` = {d:+.4f} ({n} seed{'s' if n > 1 else ''}" + (f", p = {t['p']:.3f})" if t else ")")
 
 
 def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | None, ref, tab: dict, grid: str,
@@ -150,9 +195,11 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
         if claims:
             L += ["#### What agrees with the papers and what does not", ""]
             for v, r_, paper in claims:
-                d, said = verdict(summary, v, r_)
+                d, said, how = verdict(summary, v, r_)
                 L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average over the shared seeds "
                          f"({compare(summary, v, r_)}): {said}.")
+                if how:
+                    finding(paper, here(summary, v, r_, d), d > 0, how, tab.get("title", f"Grid `{grid}`"))
             L += [""] + caveats(summary, vs, claims)
     return L
 
@@ -231,6 +278,9 @@ def ablation_section(summary: dict, grid: str, base: str, records: list[dict]) -
             how, within = "no shared seed with a spread to judge it by", True
         if within and len(seeds) < 3:
             need.append(v)
+        if seeds:
+            finding(f"{paper}: {label} below the full method (the paper: {theirs - full:+.4f})",
+                    here(summary, v, base, d), d < 0, "within" if within else "beyond", f"Grid `{grid}`")
         L.append(f"- {label} (`{v}`): the paper {theirs - full:+.4f}; here {d:+.4f} ({how}): "
                  + ("agrees" if d < 0 else "does not agree") + (", but within the seed spread" if within else
                                                                  ", beyond the seed spread") + ".")
@@ -239,7 +289,11 @@ def ablation_section(summary: dict, grid: str, base: str, records: list[dict]) -
         rs = [dict(r, variant=lora) for r in records if f"{r['grid']}/{r['variant']}" == lora]
         if rs:
             both = {**summary, **G.summarise(rs)}
-            d, _ = shared_diff(both, "n-1", lora)
+            d, seeds = shared_diff(both, "n-1", lora)
+            if seeds:
+                t = G.paired_t(both["n-1"]["seeds"], both[lora]["seeds"])
+                finding("MTL-LoRA's text: with n = 1 below LoRA-MT", here(both, "n-1", lora, d), d < 0,
+                        "untested" if t is None else "beyond" if t["significant"] else "within", f"Grid `{grid}`")
             L.append(f"- MTL-LoRA's text: with n = 1 MTL-LoRA falls below LoRA-MT (its Table 5: 0.8886 vs 0.8887). "
                      f"Here `n-1` − `{lora}` = {d:+.4f} ({compare(both, 'n-1', lora)}): "
                      + ("agrees" if d < 0 else "does not agree") + ".")
@@ -360,6 +414,9 @@ def probe_section(analyses: Path, figs: Path, rel) -> list[str]:
         if "lora" in by and "mtl-lora" in by:
             for space, what in (("low", "low-rank"), ("full", "full-rank")):
                 d = by["mtl-lora"][space]["macro_f1"] - by["lora"][space]["macro_f1"]
+                finding(f"MTL-LoRA (Table 6): MTL-LoRA's {what} features tell the tasks apart better than LoRA-MT's",
+                        f"macro-F1 {by['mtl-lora'][space]['macro_f1']:.3f} against {by['lora'][space]['macro_f1']:.3f} "
+                        f"(`{f.name}`)", d > 0, "untested", "Task differentiation (MTL-LoRA Table 6, Figure 1)")
                 L.append(f"- MTL-LoRA (Table 6): MTL-LoRA's {what} features tell the tasks apart better than "
                          f"LoRA-MT's. Here {by['mtl-lora'][space]['macro_f1']:.3f} against "
                          f"{by['lora'][space]['macro_f1']:.3f} ({d:+.3f}): {'agrees' if d > 0 else 'does not agree'} "
@@ -435,6 +492,11 @@ def embeddings_section(analyses: Path, figs: Path, rel) -> list[str]:
         if {"mrpc", "qnli", "stsb", "cola"} <= set(tasks):
             c1, r1, n = pair_rank(cos, tasks, "mrpc", "qnli")
             c2, r2, _ = pair_rank(cos, tasks, "stsb", "cola")
+            where = "MoRE's task embeddings and rank experts (Figure 2b, 2c)"
+            finding("MoRE (Figure 2c): MRPC and QNLI cluster", f"their cosine ranks {r1} of {n} pairs (`{f.name}`)",
+                    r1 <= n // 4, "untested", where)
+            finding("MoRE (Figure 2c): STS-B and CoLA lie far apart", f"their cosine ranks {r2} of {n} pairs "
+                    f"(`{f.name}`)", r2 > n - n // 4, "untested", where)
             L += [f"- MoRE (Figure 2c): MRPC and QNLI cluster. Here their cosine is {c1:+.3f}, rank {r1} of {n} "
                   f"pairs (1 = most similar): {'agrees' if r1 <= n // 4 else 'does not agree'} (our rule: "
                   "in the most similar quarter of the pairs).",
@@ -514,6 +576,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                   f"a resumed run added its earlier processes' time), so the sums are low by those: {', '.join(short)}."]
     L += [""]
     L += plan_section(records)
+    FOUND.clear()
+    at = len(L)                                        # the summary goes here, once every section has run
     for name, rs in grids.items():
         path = ROOT / "experiments" / "grids" / f"{name}.json"
         spec = json.loads(path.read_text()) if path.is_file() else {"variants": sorted({r["variant"] for r in rs})}
@@ -550,9 +614,12 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             if pairs:
                 L += ["### What agrees with MoRE's Table 4 and what does not", ""]
                 for v, r_ in pairs:
-                    d, said = verdict(summary, v, r_)
+                    d, said, how = verdict(summary, v, r_)
                     L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
                              f"{d:+.4f}: {said}.")
+                    if how:
+                        finding("MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer", here(summary, v, r_, d),
+                                d > 0, how, f"Grid `{name}`")
                 L += [""] + caveats(summary, order, [(v, r_, "") for v, r_ in pairs])
             other = [(v, v.removesuffix("-t1")) for v in order if v.endswith("-t1") and v.removesuffix("-t1") in summary]
             if other:
@@ -569,6 +636,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                   "(argmax of p_t, from the run's adapter_config.json).", ""]
     L += probe_section(Path(analyses), figs, rel)
     L += embeddings_section(Path(analyses), figs, rel)
+    L[at:at] = findings_section()
     if importlib.util.find_spec("matplotlib") is None:
         L += ["Figures: not drawn, matplotlib is not importable (`pip install -e \".[analysis]\"`).", ""]
     text = "\n".join(L).rstrip() + "\n"

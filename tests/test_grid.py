@@ -390,6 +390,16 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     assert "- w/o task embeddings (`no-task-embedding`): no cell has finished yet." in ablation
     assert ("still to run: `no-contrastive`: `python experiments/run.py experiments/grids/ablation-more.json "
             "--variants no-contrastive --seeds 1,2 --jobs 2`") in ablation
+    # the summary: each claim once, in the group of what came out, linked to the section with its numbers
+    summary = text.split("## What agrees with the papers and what does not")[1].split("\n## ")[0]
+    groups = {g.split("**")[0]: g for g in summary.split("\n**")[1:]}
+    assert ("- MoRE (Table 1): MoRE above multi-task LoRA: `more-lr5e-4` − `lora-mt-lr5e-4` = +0.0450 (2 seeds, p = "
+            in groups["Agrees, within the seed spread"]) and "([Shared lr 5e-4](#shared-lr-5e-4))" in summary
+    assert ("- MoRE's Table 5 (T5-base): w/o STE below the full method (the paper: -0.0090): `no-ste` − "
+            "`main/more-lr5e-4` = -0.0400 (1 seed) ([Grid `ablation-more`](#grid-ablation-more))"
+            in groups["Agrees, beyond the seed spread"])
+    assert "`more` − `lora-mt` = +0.0300 (1 seed)" in groups["Agrees in direction, untested"]
+    assert summary.count("\n- ") == 4            # 2 claims per lr table (MoRE vs LoRA-MT), 2 ablation rows
 
 
 def test_the_claims_are_corrected_for_testing_several_and_a_task_no_variant_learned_is_named():
