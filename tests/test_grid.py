@@ -335,7 +335,8 @@ def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_read
         (tmp_path / "results" / "fewshot" / f.name).write_text(f.read_text())
     text = report(tmp_path / "results", tmp_path / "none", tmp_path / "REPLICATION.md")
     s = G.summarise(G.load_results(tmp_path / "results"))
-    claim = [line for line in text.splitlines() if line.startswith("- MoRE (Table 4)")]
+    section = text.split("## Grid `fewshot`")[1]                       # not the summary above it
+    claim = [line for line in section.splitlines() if line.startswith("- MoRE (Table 4)")]
     assert len(claim) == 1 and "`more-cb-k32` − `lora-mt-cb-k32`" in claim[0]
     t = G.paired_t(s["more-cb-k32-t1"]["seeds"], s["more-cb-k32"]["seeds"])
     assert f"- `more-cb-k32-t1` − `more-cb-k32`: {t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}" in text
