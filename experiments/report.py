@@ -49,6 +49,7 @@ NEAR_CHANCE_MCC = 0.1       # |MCC| below this: hardly better than one class (MC
 # Every claim a section checks, as (the paper's claim, what was found here, agrees, how surely:
 # "beyond" / "within" the seed spread or "untested", the section's heading): the summary lists them.
 FOUND: list[tuple[str, str, bool, str, str]] = []
+MORE_SEEDS: list[tuple[str, list[str]]] = []   # (ablation grid, its rows that need seeds 1 and 2)
 
 
 def finding(paper: str, here: str, agrees: bool, how: str, section: str) -> None:
@@ -299,6 +300,7 @@ def ablation_section(summary: dict, grid: str, base: str, records: list[dict]) -
                      + ("agrees" if d < 0 else "does not agree") + ".")
     L.append("")
     if need:
+        MORE_SEEDS.append((grid, need))
         L += [f"Within the spread on fewer than 3 seeds, so by the grid's rule (one seed unless the effect is within "
               f"the spread, then 3) still to run: {', '.join(f'`{v}`' for v in need)}: `python experiments/run.py "
               f"experiments/grids/{grid}.json --variants {','.join(need)} --seeds 1,2 --jobs 2`.", ""]
@@ -577,6 +579,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     L += [""]
     L += plan_section(records)
     FOUND.clear()
+    MORE_SEEDS.clear()
     at = len(L)                                        # the summary goes here, once every section has run
     for name, rs in grids.items():
         path = ROOT / "experiments" / "grids" / f"{name}.json"
@@ -636,7 +639,14 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
                   "(argmax of p_t, from the run's adapter_config.json).", ""]
     L += probe_section(Path(analyses), figs, rel)
     L += embeddings_section(Path(analyses), figs, rel)
-    L[at:at] = findings_section()
+    rows = sum(len(need) for _, need in MORE_SEEDS)
+    minutes = sum(2 * len(need) * G.planned_minutes(G.load_grid(ROOT / "experiments" / "grids" / f"{g}.json"), 1)
+                  for g, need in MORE_SEEDS)
+    more = [f"Beyond the grid files' seeds, {rows} ablation row(s) within the seed spread still need seeds 1 and 2 "
+            f"({2 * rows} cells, {G.fmt_minutes(60 * minutes / 2)} planned on 2 cores, 2 cells at a time): "
+            + "; ".join(f"`python experiments/run.py experiments/grids/{g}.json --variants {','.join(need)} "
+                        "--seeds 1,2 --jobs 2`" for g, need in MORE_SEEDS) + ".", ""] if MORE_SEEDS else []
+    L[at:at] = more + findings_section()
     if importlib.util.find_spec("matplotlib") is None:
         L += ["Figures: not drawn, matplotlib is not importable (`pip install -e \".[analysis]\"`).", ""]
     text = "\n".join(L).rstrip() + "\n"

@@ -401,6 +401,10 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
             in groups["Agrees, beyond the seed spread"])
     assert "`more` − `lora-mt` = +0.0300 (1 seed)" in groups["Agrees in direction, untested"]
     assert summary.count("\n- ") == 4            # 2 claims per lr table (MoRE vs LoRA-MT), 2 ablation rows
+    assert ("1 ablation row(s) within the seed spread still need seeds 1 and 2 (2 cells, 25m00s planned on 2 cores, "
+            "2 cells at a time): "
+            "`python experiments/run.py experiments/grids/ablation-more.json --variants no-contrastive --seeds 1,2 "
+            "--jobs 2`.") in text.split("## What agrees")[0]
 
 
 def test_the_claims_are_corrected_for_testing_several_and_a_task_no_variant_learned_is_named():
