@@ -4,8 +4,10 @@
     python experiments/report.py --results DIR --out FILE.md
 
 Every number in the document comes from a result file (experiments/results/<grid>/*.json, written
-by experiments/run.py) or from the committed bench run (docs/bench/minilm-cpu.json); nothing is
-typed. Figures need matplotlib (`pip install -e ".[analysis]"`); without it the document says so.
+by experiments/run.py), from the committed bench run (docs/bench/minilm-cpu.json) or from the
+analyses' JSON files (experiments/analyses/: probe.py, embeddings.py, constant.py); nothing is
+typed but the papers' own figures, quoted as such. Figures need matplotlib
+(`pip install -e ".[analysis]"`); without it the document says so.
 """
 import argparse
 import importlib.util
@@ -50,6 +52,7 @@ NEAR_CHANCE_MCC = 0.1       # |MCC| below this: hardly better than one class (MC
 # "beyond" / "within" the seed spread or "untested", the section's heading): the summary lists them.
 FOUND: list[tuple[str, str, bool, str, str]] = []
 MORE_SEEDS: list[tuple[str, list[str]]] = []   # (ablation grid, its rows that need seeds 1 and 2)
+AT_CONSTANT: dict[str, set[str]] = {}           # variant -> tasks where its mean is at or below the best constant
 
 
 def finding(paper: str, here: str, agrees: bool, how: str, section: str) -> None:
@@ -98,9 +101,10 @@ def machines_line(records: list[dict]) -> str:
                      for (m, c, t, v), rs in seen.items())
 
 
-def table(summary: dict, order: list[str], bench: dict | None, reference, suffix: str = "") -> list[str]:
+def table(summary: dict, order: list[str], bench: dict | None, reference, suffix: str = "",
+          const: dict | None = None) -> list[str]:
     """reference: a variant every row is compared with, or a function variant -> its reference;
-    suffix: what the variants add to BENCH_NAME's names."""
+    suffix: what the variants add to BENCH_NAME's names; const: constant_row()'s, the last row."""
     ref_of = reference if callable(reference) else (lambda v: reference)
     found = [t for s in summary.values() for t in s["tasks"] if t != "mnli_mm"]
     tasks = [t for t in TASK_NAMES if t in found] + sorted({t for t in found if t not in TASK_NAMES})
@@ -124,7 +128,67 @@ def table(summary: dict, order: list[str], bench: dict | None, reference, suffix
             named = callable(reference) and r in summary and r != v
             cells.append(f"vs `{r}`: " + compare(summary, v, r) if named else compare(summary, v, r))
         lines.append("| " + " | ".join(cells) + " |")
+    if const:
+        cells = ["best constant", str(const["n"])] + [pm(const["tasks"][t][:2], const["tasks"][t][2])
+                                                      if t in const["tasks"] else "–" for t in tasks]
+        cells += [pm(const["average"], const["n"]) if const["average"] else "–", "–", "–"]
+        cells += ["–"] if reference else []
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def constant_row(rs: list[dict], vs: list[str], consts: dict | None) -> tuple[dict | None, list[str]]:
+    """(the best constant predictor over the test sets the cells of variants vs were scored on:
+    {"n": seeds, "tasks": {task: (mean, std, test sets)}, "average": (mean, std) or None,
+    "by_seed": {seed: {task: main metric}}}, or None without constant.json; the seeds of the test
+    sets constant.json lacks)."""
+    if consts is None:
+        return None, []
+    keys = {G.data_key(r) for r in rs if r["variant"] in vs}
+    missing = sorted({f"seed {json.loads(k)['seed']}" for k in keys if k not in consts})
+    sets = [consts[k] for k in sorted(keys) if k in consts]
+    if not sets:
+        return None, missing
+    tasks = {t for c in sets for t in c["tasks"]}
+    per_task = {t: (*G.mean_std([c["tasks"][t]["main"] for c in sets if t in c["tasks"]]),
+                    sum(t in c["tasks"] for c in sets)) for t in tasks}
+    same = len({tuple(sorted(c["tasks"])) for c in sets}) == 1 and all(c["average"] is not None for c in sets)
+    by_seed = {}                                       # seed -> {task: main metric}, for each variant's own seeds
+    for k in keys & set(consts):
+        by_seed.setdefault(json.loads(k)["seed"], {}).update({t: c["main"] for t, c in consts[k]["tasks"].items()})
+    return {"n": len(by_seed), "tasks": per_task, "by_seed": by_seed,
+            "average": G.mean_std([c["average"] for c in sets]) if same else None}, missing
+
+
+def constant_lines(summary: dict, vs: list[str], const: dict | None, missing: list[str]) -> list[str]:
+    """What the best-constant row is, and each task on which a variant's mean does not clear it (the
+    constant's mean over that variant's own seeds, whose test sets it was scored on)."""
+    def floor(v: str, t: str) -> float:
+        xs = [const["by_seed"][k][t] for k in summary[v]["seeds"] if t in const["by_seed"].get(k, {})]
+        return sum(xs) / len(xs) if xs else float("nan")      # nan: never "at or below"
+
+    L = []
+    if const:
+        low = []
+        for t in [t for t in TASK_NAMES if t in const["tasks"]] + sorted(set(const["tasks"]) - set(TASK_NAMES)):
+            have = [v for v in vs if t in summary[v]["tasks"]]
+            under = [v for v in have if summary[v]["tasks"][t][0] <= floor(v, t)]
+            for v in under:
+                AT_CONSTANT.setdefault(v, set()).add(t)
+            if under and t != "mnli_mm":
+                low.append(f"{TASK_NAMES.get(t, t)}: " + ("every variant" if len(under) == len(have) else
+                                                          ", ".join(f"`{v}`" for v in under)))
+        L += ["Best constant: the score of giving every test example the same answer, the best one for each test "
+              "set (accuracy: its most frequent label; MCC 0; STS-B's Pearson 0, a constant has no correlation), over "
+              "the test sets these cells were scored on (the paper split draws the small tasks' test halves by the "
+              "seed); from `experiments/analyses/constant.json` (`python experiments/constant.py`), train.py's "
+              "metric code. Where a variant's mean is at or below it (nothing the test can see was learned there): "
+              + ("; ".join(low) if low else "nowhere") + ".", ""]
+    if missing:
+        L += [f"`experiments/analyses/constant.json` lacks {len(missing)} of these cells' test sets "
+              f"({', '.join(missing)}): "
+              "`python experiments/constant.py` writes them.", ""]
+    return L
 
 
 def compare(summary: dict, v: str, ref: str) -> str:
@@ -160,19 +224,27 @@ def verdict(summary: dict, v: str, ref: str) -> tuple[float, str, str | None]:
 
 
 def here(summary: dict, v: str, ref: str, d: float) -> str:
-    """A claim's figure for the summary: the difference, its seeds and its test's p."""
+    """A claim's figure for the summary: the difference, its seeds and its test's p, and whether
+    neither side cleared the best constant predictor on any of its tasks (then the claim compares
+    two models that learned nothing the test can see)."""
     t = G.paired_t(summary[v]["seeds"], summary[ref]["seeds"])
     n = len(shared_diff(summary, v, ref)[1])
-    return f"`{v}` − `{ref}` = {d:+.4f} ({n} seed{'s' if n > 1 else ''}" + (f", p = {t['p']:.3f})" if t else ")")
+    tasks = {k for k in [*summary[v]["tasks"], *summary[ref]["tasks"]] if k != "mnli_mm"}
+    floor = tasks <= AT_CONSTANT.get(v, set()) & AT_CONSTANT.get(ref, set())   # neither learned anything
+    return (f"`{v}` − `{ref}` = {d:+.4f} ({n} seed{'s' if n > 1 else ''}" + (f", p = {t['p']:.3f})" if t else ")")
+            + ("; both at or below the best constant on " + ", ".join(TASK_NAMES.get(t, t) for t in sorted(tasks))
+               if floor else ""))
 
 
 def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | None, ref, tab: dict, grid: str,
-                  figs: Path, rel) -> list[str]:
-    """One table of a grid (its variants vs, compared with ref), the cells that collapsed, and for a
-    table with "claims" the averages' figure and the papers' claims checked on its numbers."""
+                  figs: Path, rel, consts: dict | None = None) -> list[str]:
+    """One table of a grid (its variants vs, compared with ref, and the best constant predictor of
+    their test sets), the cells that collapsed, and for a table with "claims" the averages' figure
+    and the papers' claims checked on its numbers."""
     suffix = tab.get("suffix", "")
+    const, missing = constant_row(rs, vs, consts)
     L = [f"### {tab['title']}", "", tab.get("about", ""), ""] if tab.get("title") else []
-    L += table(summary, vs, bench, ref, suffix) + [""]
+    L += table(summary, vs, bench, ref, suffix, const) + [""] + constant_lines(summary, vs, const, missing)
     gone = [f"`{v}` s{k}" for v in vs for k in summary[v]["collapsed"]]
     if gone:
         ok = [G.main_metric("stsb", r["metrics"]["tasks"]["stsb"]) for r in rs
@@ -555,6 +627,8 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     analyses = analyses or Path(results).parent / "analyses"
     records = G.load_results(results)
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    const_file = Path(analyses) / "constant.json"      # experiments/constant.py's
+    consts = json.loads(const_file.read_text())["test_sets"] if const_file.is_file() else None
     grids = {}
     for r in records:
         grids.setdefault(r["grid"], []).append(r)
@@ -579,6 +653,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     L += plan_section(records)
     FOUND.clear()
     MORE_SEEDS.clear()
+    AT_CONSTANT.clear()
     at = len(L)                                        # the summary goes here, once every section has run
     for name, rs in grids.items():
         path = ROOT / "experiments" / "grids" / f"{name}.json"
@@ -606,7 +681,7 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
             ref = "lora-mt" + suffix if "lora-mt" + suffix in summary else None
             ref = (base or vs[0]) if ref is None and name.startswith("ablation") else ref
             ref = few_ref if name == "fewshot" else ref   # MoRE against LoRA-MT at the same task and k
-            L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel)
+            L += table_section(summary, rs, vs, bench, ref, tab, name, figs, rel, consts)
         L += across_tables(summary, tables)
         if name in PAPER_ABLATIONS and base in summary:
             L += ablation_section(summary, name, base, records)

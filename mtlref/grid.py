@@ -312,6 +312,33 @@ def main_metric(task: str, task_metrics: dict) -> float:
     return task_metrics[metric_name(task) if task in TASK_METRICS else next(iter(task_metrics))]
 
 
+# train.py's flags that choose the data a cell is scored on, and their defaults (train.py's parser)
+DATA_FLAGS = {"--bench": "glue", "--tasks": None, "--data-dir": "data", "--jsonl": None, "--jsonl-dev": None,
+              "--max-eval-examples": None, "--seed": "0"}
+
+
+def scored_on(record: dict) -> dict:
+    """The test data of a finished cell, from its stored train.py argv and its resolved split
+    protocol: {"bench", "tasks", "data_dir", "jsonl", "jsonl_dev", "max_eval_examples", "seed",
+    "split"}. Two cells with equal dicts were scored on the same examples (the paper split's
+    halves are drawn by the seed, so seeds differ)."""
+    argv, out = list(record["argv"]), {}
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in DATA_FLAGS:
+            out[flag] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    d = {f.lstrip("-").replace("-", "_"): out.get(f, default) for f, default in DATA_FLAGS.items()}
+    d["seed"] = int(d["seed"])
+    d["max_eval_examples"] = None if d["max_eval_examples"] is None else int(d["max_eval_examples"])
+    d["split"] = record["metrics"]["settings"]["split"]
+    return d
+
+
+def data_key(record: dict) -> str:
+    """scored_on() as one string: the key of experiments/analyses/constant.json."""
+    return json.dumps(scored_on(record), sort_keys=True)
+
+
 COLLAPSE_PEARSON = 0.2      # a trained STS-B head scores >= 0.8 here; ~0 when the outputs ignore the input
 
 

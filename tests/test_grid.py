@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, need_extra
 from mtlref import grid as G
+from mtlref.data.splits import hold_out
+from mtlref.data.tasks import Example, get_spec
 
 
 def tiny_grid(path: Path, model: Path, tasks: Path, steps: int = 6, seeds=(0, 1), variants=None) -> Path:
@@ -138,6 +140,36 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
         ms = G.mean_std([G.main_metric(task, r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
         assert f"{ms[0]:.4f} ± {ms[1]:.4f}" in row, task
     assert "| variant | seeds | pair | sentiment | average |" in text            # tasks outside GLUE: sorted
+    assert "best constant" not in text                                    # no constant.json yet
+
+    # the best constant predictor of each cell's test set: the held-out 10 % of each task, drawn by the
+    # seed (mtlref.data.splits.hold_out), counted here from the jsonl file itself
+    done = subprocess.run([sys.executable, "experiments/constant.py", "--results", str(tmp_path / "results"),
+                           "--out", str(tmp_path / "analyses" / "constant.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sets = json.loads((tmp_path / "analyses" / "constant.json").read_text())["test_sets"]
+    assert len(sets) == 2                                                 # one test set per seed, shared by both variants
+    rows = [json.loads(line) for line in tiny_tasks.read_text().splitlines()]
+    want = {}
+    for seed in (0, 1):
+        for task in ("sentiment", "pair"):
+            mine = [Example(task, r["text"], r.get("text_pair"), r["label"], "") for r in rows if r["task"] == task]
+            labels = [e.label for e in hold_out(mine, task, seed)[0]]
+            want[task, seed] = max(labels.count(v) for v in set(labels)) / len(labels)
+    for key, c in sets.items():
+        seed = json.loads(key)["seed"]
+        for task in ("sentiment", "pair"):
+            assert c["tasks"][task]["main"] == pytest.approx(want[task, seed]), (task, seed)
+        assert c["average"] == pytest.approx((want["sentiment", seed] + want["pair", seed]) / 2)
+    done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| best constant | 2 |"))
+    for task in ("pair", "sentiment"):
+        ms = G.mean_std([want[task, 0], want[task, 1]])
+        assert f"| {ms[0]:.4f} ± {ms[1]:.4f} |" in row, (task, row)
 
 
 def test_a_stored_command_reruns_its_cell_to_the_same_metrics(tiny_bert, tiny_tasks, tmp_path):
@@ -320,6 +352,63 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
     assert f"{moved} of {sum(len(v) for v in saved['rank_maps'].values())} (task, module) choices change" in text
     for fig in ("pca", "scaled-ranks"):
         assert (tmp_path / "doc" / "replication" / f"embeddings-tiny-{fig}.png").stat().st_size > 1000
+
+
+def test_the_best_constant_gives_every_example_the_answer_that_scores_highest():
+    """experiments/constant.py's best_constant, with train.py's metric code: the most frequent
+    label's accuracy, CoLA's majority label (every constant's MCC is 0: accuracy breaks the tie),
+    and STS-B's mean, whose Pearson is 0 (a constant has no correlation)."""
+    best = load_cli("constant").best_constant
+    cola = best(get_spec("cola"), [1.0] * 7 + [0.0] * 3)
+    assert cola["answer"] == 1.0 and cola["main"] == 0.0 and cola["metrics"]["accuracy"] == pytest.approx(0.7)
+    mnli = best(get_spec("mnli"), [0.0, 0.0, 1.0, 2.0, 2.0, 2.0])
+    assert mnli["answer"] == 2.0 and mnli["main"] == pytest.approx(0.5) and mnli["n"] == 6
+    stsb = best(get_spec("stsb"), [0.0, 1.0, 2.0, 5.0])
+    assert stsb["answer"] == pytest.approx(2.0) and stsb["main"] == 0.0
+
+
+def test_the_best_constant_row_names_the_tasks_a_variant_does_not_clear(tmp_path):
+    """A constant.json for the cells' test sets (synthetic): the table gets its row, mean ± std
+    over the seeds' test sets, and the line under it names the variants at or below it per task;
+    a test set the file lacks is named with the command that writes it."""
+    def rec(variant, seed, sst2, cola):
+        return {"grid": "g", "variant": variant, "seed": seed, "wall_s": 60.0, "threads": 1,
+                "argv": ["train.py", "--bench", "glue", "--tasks", "cola,sst2", "--seed", str(seed)],
+                "machine": {"cpu": "c", "cores": 2, "torch": "t"}, "trainable_percent": 1.0, "rank_maps": None,
+                "metrics": {"tasks": {"cola": {"mcc": cola, "accuracy": 0.7}, "sst2": {"accuracy": sst2}},
+                            "average": (sst2 + cola) / 2, "split": "test", "steps": 10, "settings": {"split": "paper"}}}
+    cells = [rec("a", 0, 0.80, 0.01), rec("a", 1, 0.82, -0.03), rec("b", 0, 0.50, 0.20), rec("b", 1, 0.52, 0.30),
+             rec("c", 1, 0.525, 0.10)]       # seed 1 only: at or below seed 1's constant 0.53, not the two seeds' 0.52
+    for r in cells:
+        (tmp_path / "results" / "g").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "results" / "g" / f"{r['variant']}__s{r['seed']}.json").write_text(json.dumps(r))
+    const = {G.data_key(cells[0]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.51}}, "average": 0.255},
+             G.data_key(cells[1]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.53}}, "average": 0.265}}
+    assert len(const) == 2                           # the seed picks the test set
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "analyses" / "constant.json").write_text(json.dumps({"test_sets": const}))
+    text = report(tmp_path / "results", tmp_path / "analyses", tmp_path / "REPLICATION.md")
+    assert "| best constant | 2 | 0.0000 ± 0.0000 | 0.5200 ± 0.0141 | 0.2600 ± 0.0071 | – | – |" in text
+    assert "(nothing the test can see was learned there): CoLA: `a`; SST-2: `b`, `c`." in text   # -0.01 <= 0; 0.51 <= 0.52
+    del const[G.data_key(cells[1])]
+    (tmp_path / "analyses" / "constant.json").write_text(json.dumps({"test_sets": const}))
+    text = report(tmp_path / "results", tmp_path / "analyses", tmp_path / "REPLICATION.md")
+    assert "| best constant | 1 | 0.0000 | 0.5100 | 0.2550 |" in text
+    assert "lacks 1 of these cells' test sets (seed 1): `python experiments/constant.py` writes them." in text
+
+
+def test_a_claim_between_two_variants_that_learned_nothing_says_so():
+    """here(): a claim's figure names the best constant when neither variant clears it on any of
+    their tasks (a comparison of two constant-like models), and not when one of them does on one."""
+    report_cli = load_cli("report")
+    summary = {v: {"seeds": {0: avg, 1: avg + 0.01}, "tasks": {"cb": (avg, 0.01), "mnli_mm": (0.9, 0.0)}}
+               for v, avg in (("more-cb-k4", 0.49), ("lora-mt-cb-k4", 0.48))}
+    report_cli.AT_CONSTANT.update({"more-cb-k4": {"cb"}, "lora-mt-cb-k4": {"cb"}})
+    text = report_cli.here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01)
+    assert text.startswith("`more-cb-k4` − `lora-mt-cb-k4` = +0.0100 (2 seeds, p = ")
+    assert text.endswith("; both at or below the best constant on CB")          # mnli_mm is not a trained task
+    report_cli.AT_CONSTANT["lora-mt-cb-k4"] = set()
+    assert "constant" not in report_cli.here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01)
 
 
 def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_reading(tmp_path):
