@@ -33,7 +33,8 @@ from mtlref.run import load_data  # noqa: E402
 
 
 def best_constant(spec, labels: list[float]) -> dict:
-    """{"answer", "n", "metrics"} of the best single answer to all of `labels` (see the module text)."""
+    """{"answer", "n", "main", "metrics"} of the best single answer to all of `labels` (see the
+    module text); "main" is the task's main metric, the figure the report shows."""
     answers = [float(np.mean(labels))] if spec.kind == "regression" else sorted(set(labels))
     scored = [(task_metrics(spec.name, [a] * len(labels), labels, spec.metrics), a) for a in answers]
     # the main metric decides, the others break its ties (CoLA: every constant's MCC is 0; the
