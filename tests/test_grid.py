@@ -512,3 +512,27 @@ def test_the_claims_are_corrected_for_testing_several_and_a_task_no_variant_lear
     assert "CoLA: every variant's mean MCC lies in [-0.0200, +0.0900]" in text
     summary["c"]["tasks"]["cola"] = (0.25, 0.01)
     assert "CoLA" not in "\n".join(report_cli.caveats(summary, list(summary), claims))
+
+
+def test_tuning_table_names_exactly_the_flags_a_run_changed(tmp_path):
+    """experiments/tuning.py: `keep` adds the seed, pooling and tasks of adapter_config.json to the
+    metrics, and `changes` names only what differs from the default command: a run of the
+    default settings shows no change, one with --head-lr, --tasks and --seed shows those three."""
+    T = load_cli("tuning")
+    base = T.default_settings()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = {"tasks": {"cola": {"mcc": 0.125}}, "average": 0.125, "wall_s": 177.0, "threads": 1,
+               "method": "more", "settings": json.loads(json.dumps(base))}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "adapter_config.json").write_text(json.dumps(
+        {"seed": 0, "pooling": "mean", "task_names": ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]}))
+    default = json.loads(T.keep(run_dir, "d", tmp_path / "kept").read_text())
+    assert T.changes(default) == "–"
+    changed = dict(metrics, settings=dict(metrics["settings"], head_lr=0.0005))
+    (run_dir / "metrics.json").write_text(json.dumps(changed))
+    (run_dir / "adapter_config.json").write_text(json.dumps({"seed": 1, "pooling": "mean", "task_names": ["cola"]}))
+    kept = T.keep(run_dir, "c", tmp_path / "kept")
+    assert T.changes(json.loads(kept.read_text())) == "`--head-lr 0.0005` `--tasks cola` `--seed 1`"
+    row = T.table([kept]).splitlines()[-1]
+    assert row == "| c | `--head-lr 0.0005` `--tasks cola` `--seed 1` | 0.1250 | 0.125 | – | – | 177 s (1 thread) |"
