@@ -31,10 +31,12 @@ def default_settings(method: str = "more") -> dict:
 
 
 def keep(run_dir: Path, name: str, into: Path) -> Path:
+    for file in ("metrics.json", "adapter_config.json"):
+        if not (run_dir / file).is_file():
+            raise SystemExit(f"{run_dir / file}: not found; `keep` takes the directory of a finished train.py run")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    run = cfg.get("run", cfg)
-    kept = {**metrics, "seed": run["seed"], "pooling": run.get("pooling", "mean"), "task_names": run["task_names"]}
+    kept = {**metrics, "seed": cfg["seed"], "pooling": cfg.get("pooling", "mean"), "task_names": cfg["task_names"]}
     into.mkdir(parents=True, exist_ok=True)
     path = into / f"{name}.json"
     path.write_text(json.dumps(kept, indent=2))

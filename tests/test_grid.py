@@ -536,3 +536,5 @@ def test_tuning_table_names_exactly_the_flags_a_run_changed(tmp_path):
     assert T.changes(json.loads(kept.read_text())) == "`--head-lr 0.0005` `--tasks cola` `--seed 1`"
     row = T.table([kept]).splitlines()[-1]
     assert row == "| c | `--head-lr 0.0005` `--tasks cola` `--seed 1` | 0.1250 | 0.125 | – | – | 177 s (1 thread) |"
+    with pytest.raises(SystemExit, match="metrics.json: not found"):
+        T.keep(tmp_path / "unfinished", "u", tmp_path / "kept")
