@@ -18,16 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mtlref.metrics import GLUE_TASKS  # noqa: E402
+from mtlref.metrics import GLUE_TASKS, main_metric  # noqa: E402
 from mtlref.run import settings  # noqa: E402
 
 DEFAULT_RUN = {"seed": 0, "pooling": "mean", "method": "more"}
-SHOWN = [("cola", "mcc"), ("rte", "accuracy"), ("mrpc", "accuracy")]
+SHOWN = ("cola", "rte", "mrpc")             # each with its main metric (mtlref.metrics)
 
 
 def default_settings(method: str = "more") -> dict:
-    """The settings the default command resolves to (the cpu preset, no flags)."""
-    return settings(Namespace(preset="cpu", method=method, single_task=False, option=[]), "bert")
+    """The settings the default command resolves to (the cpu preset, no flags), as metrics.json
+    records them (through JSON: tuples become lists)."""
+    return json.loads(json.dumps(settings(Namespace(preset="cpu", method=method, single_task=False, option=[]), "bert")))
 
 
 def keep(run_dir: Path, name: str, into: Path) -> Path:
@@ -54,7 +55,7 @@ def changes(run: dict) -> str:
     for k, v in run["settings"].items():
         if k == "options":
             out += [f"--option {ok}={ov}" for ok, ov in sorted(v.items()) if base["options"].get(ok) != ov]
-        elif json.loads(json.dumps(base.get(k))) != v:            # tuples come back from JSON as lists
+        elif base.get(k) != v:
             out.append(flag(k, v))
     if "task_names" in run and run["task_names"] != list(GLUE_TASKS):
         out.append(flag("tasks", ",".join(run["task_names"])))
@@ -67,8 +68,8 @@ def changes(run: dict) -> str:
 def row(path: Path) -> str:
     run = json.loads(path.read_text())
     cells = [path.stem, changes(run), f"{run['average']:.4f}"]
-    for task, metric in SHOWN:
-        value = run["tasks"].get(task, {}).get(metric)
+    for task in SHOWN:
+        value = run["tasks"].get(task, {}).get(main_metric(task))
         cells.append("–" if value is None else f"{value:.3f}")
     cells.append(f"{run['wall_s']:.0f} s ({run['threads']} thread{'s' if run['threads'] > 1 else ''})")
     return "| " + " | ".join(cells) + " |"

@@ -523,7 +523,7 @@ def test_tuning_table_names_exactly_the_flags_a_run_changed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     metrics = {"tasks": {"cola": {"mcc": 0.125}}, "average": 0.125, "wall_s": 177.0, "threads": 1,
-               "method": "more", "settings": json.loads(json.dumps(base))}
+               "method": "more", "settings": base}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "adapter_config.json").write_text(json.dumps(
         {"seed": 0, "pooling": "mean", "task_names": ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]}))
