@@ -15,7 +15,9 @@ best validation step's, also in <out>/best/; the final step's in <out>/last/ whe
 Under torchrun --batch-size is the global batch, split evenly over the processes; rank 0
 alone prints and writes. A bad input (unknown method/task, missing or malformed data,
 unreadable model) prints one line and exits with code 2 (--debug shows the traceback); a
-diverged run exits with code 1.
+diverged run exits with code 1, and so does a failed write (a full disk): one line naming the
+file and the cause; every file is replaced atomically, so the previous checkpoint and results
+stay intact and --resume continues.
 """
 from __future__ import annotations
 

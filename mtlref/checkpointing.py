@@ -11,8 +11,9 @@ exactly where it stopped, replaced atomically.
               caller's own state (the sampler's position, the reported metrics) and the
               run's settings, which a resume must match.
 The file is written next to the old one and os.replace'd over it, so a crash at any moment
-leaves the previous checkpoint or the new one, never a torn file. It is read with
-safetensors alone: no pickle, no torch.load.
+leaves the previous checkpoint or the new one, never a torn file; a failed write (a full disk)
+raises adapters.WriteError naming the file, and --resume continues from the previous one. It
+is read with safetensors alone: no pickle, no torch.load.
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def save_checkpoint(directory, model: torch.nn.Module, opt: torch.optim.Optimize
     metadata = {"format": "pt", "mtlref": json.dumps(info)}
     path = checkpoint_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                 kept_note=" (--resume continues from it)")
     return path
 
 

@@ -35,12 +35,21 @@ import torch.nn as nn
 
 
 # ----------------------------------------------------------------------------- processes
-def init_distributed(device: str) -> str:
+def init_distributed(device: str, fsdp: bool = False) -> str:
     """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (gloo on
     CPU, NCCL on CUDA); returns this rank's device ("cuda" -> "cuda:LOCAL_RANK"). Without
     torchrun (no WORLD_SIZE) nothing happens and the run is a single process."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return device
+    # Modules that evaluate `group.WORLD` in default arguments when they are imported: imported
+    # after init_process_group (DDP imports the first on first use, fully_shard the second), they
+    # pin the world group for good, destroy_process_group cannot free it, and gloo's threads then
+    # die in the interpreter's finalization, which aborted a rank about one run in ten ("terminate
+    # called without an active exception"). Imported first, their defaults hold None.
+    # tests/test_scale.py checks that no gloo thread outlives close_distributed.
+    import torch.distributed.nn.functional  # noqa: F401   (ten functions' group=group.WORLD)
+    if fsdp:
+        import torch.distributed.fsdp  # noqa: F401        (ShardedGradScaler's process_group=)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if str(device).startswith("cuda"):
         device = f"cuda:{local}"

@@ -170,10 +170,11 @@ def export_merged(model, task_id: int, out, model_dir, max_shard_bytes: int = 5 
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        text = json.dumps(index, indent=2)
+        write_atomic(out / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(text))
     for name in ("config.json", *TOKENIZER_FILES):
         if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out / name)
+            write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(model_dir / name, tmp))
     return out
 
 
@@ -278,5 +279,6 @@ def export_head(model, task_id: int, out, pooling: str = "mean") -> Path:
     info = {"task": spec.name, "kind": spec.kind, "labels": list(spec.labels), "num_outputs": spec.num_labels,
             "family": model.family, "reads": "last real token" if model.family in ("llama", "mpt")
             else f"{pooling} pooling of the encoder output", "format": "mtlref head 1"}
-    (out / HEAD_CONFIG).write_text(json.dumps(info, indent=2))
+    text = json.dumps(info, indent=2)
+    write_atomic(out / HEAD_CONFIG, lambda tmp: Path(tmp).write_text(text))
     return out

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from mtlref import distributed
-from mtlref.adapters import (CONFIG_FILE, REGISTRY, WEIGHTS_FILE, adapter_state, adapters_of, attach_adapters,
-                             count_parameters, detach_adapters, init_adapters_from, load_adapters, save_adapters,
-                             transfer_options, write_atomic)
+from mtlref.adapters import (CONFIG_FILE, REGISTRY, WEIGHTS_FILE, WriteError, adapter_state, adapters_of,
+                             attach_adapters, count_parameters, detach_adapters, init_adapters_from, load_adapters,
+                             save_adapters, transfer_options, write_atomic)
 from mtlref.checkpoint import CheckpointError, load_model, minilm_dir, read_config
 from mtlref.checkpointing import checkpoint_path
 from mtlref.data.collate import Encoder, LengthGroupedBatches, eval_batches
@@ -454,7 +454,8 @@ def write_outputs(backbone, out: Path, heads, extra_config: dict, metrics: dict,
         save_adapters(backbone, out / "last", extra_modules=heads, extra_config=extra_config)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             write_atomic(out / name, lambda tmp, n=name: shutil.copyfile(out / "best" / n, tmp))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    text = json.dumps(metrics, indent=2, default=str)
+    write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out}/metrics.json, {out}/{WEIGHTS_FILE}, {out}/log.jsonl")
 
 
@@ -468,7 +469,7 @@ def train(args) -> dict:
     model_dir = Path(args.model) if args.model else minilm_dir()
     fam = read_config(model_dir).get("model_type", "")
     s = settings(args, fam)
-    device = distributed.init_distributed(args.device)
+    device = distributed.init_distributed(args.device, fsdp=args.fsdp)
     named = PRESETS[args.preset]["methods"]
     if named and ("lora-st" if args.single_task else args.method) not in named and distributed.is_main():
         print(f"note: preset {args.preset} has settings of its own for {sorted(named)}, not for {args.method}; "
@@ -567,7 +568,8 @@ def stack_single_task(args, s, backbone, tok, specs, splits, out, model_dir, dev
     out.mkdir(parents=True, exist_ok=True)
     save_adapters(backbone, out, extra_modules={"heads": model.heads} if objective == "head" else None,
                   extra_config=run_config(args, s, specs, model_dir, objective))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    text = json.dumps(metrics, indent=2, default=str)
+    write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     print_table(results, f"lora-st — {metrics['split']} set, each task's best step "
                          f"{metrics['best_step']} ({metrics['wall_s']:.0f} s wall)")
     print(f"wrote {out}/metrics.json, {out}/{WEIGHTS_FILE}; each task's run in {out}/tasks/")
@@ -585,7 +587,8 @@ def evaluate_run(args) -> dict:
     objective = cfg.get("objective", "lm" if cfg.get("bench") == "commonsense" else "head")
     results = (evaluate_generation if objective == "lm" else evaluate_tasks)(args, cfg, model_dir, objective)
     out = Path(args.checkpoint) / f"eval-{args.split or 'default'}.json"
-    out.write_text(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    write_atomic(out, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out}")
     return results
 
@@ -647,18 +650,19 @@ def evaluate_generation(args, cfg: dict, model_dir: Path, objective: str) -> dic
 
 # ----------------------------------------------------------------------------- the error boundary
 def cli(fn, args) -> dict:
-    """Run fn(args); an input error is one line on stderr and exit code 2, a diverged run one line
-    and exit code 1; --debug re-raises them with their tracebacks."""
+    """Run fn(args); an input error is one line on stderr and exit code 2, a diverged run or a
+    failed write (a full disk: WriteError, naming the file) one line and exit code 1; --debug
+    re-raises them with their tracebacks."""
     import sys
     try:
         result = fn(args)
-    except (*INPUT_ERRORS, DivergenceError) as e:
+    except (*INPUT_ERRORS, DivergenceError, WriteError) as e:
         who = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
         distributed.close_distributed(wait=False)
         if args.debug:
             raise
         text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         print(f"{who}error: {' '.join(text.split())}", file=sys.stderr, flush=True)
-        raise SystemExit(1 if isinstance(e, DivergenceError) else 2) from None
+        raise SystemExit(1 if isinstance(e, (DivergenceError, WriteError)) else 2) from None
     distributed.close_distributed()
     return result

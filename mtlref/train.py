@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mtlref import distributed
+from mtlref.adapters import append_line
 from mtlref.checkpointing import checkpoint_path, load_checkpoint, plain, rng_state, save_checkpoint
 from mtlref.layers import ForwardContext
 from mtlref.losses import total_loss
@@ -179,7 +180,7 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
         if not distributed.all_true(all(bool(torch.isfinite(p).all()) for p in trainable), device):
             raise diverged(step, "a trainable tensor is not finite")
 
-    log = open(log_path, "a") if log_path and main else None
+    log = Path(log_path) if log_path and main else None      # each record appended whole or not at all
     tokens, t0, window = 0, time.time(), []
     model.train()
     for step in range(start, cfg.max_steps):
@@ -216,8 +217,7 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
                   + f" | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
                   f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                append_line(log, json.dumps(record) + "\n")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             window = []
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
@@ -225,8 +225,7 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
             last = evaluate()
             model.train()
             if log:
-                log.write(json.dumps({"step": done, "eval": last}) + "\n")
-                log.flush()
+                append_line(log, json.dumps({"step": done, "eval": last}) + "\n")
             if best is None or last["average"] > best["average"]:
                 check_finite_params(done)
                 best, best_step = last, done
@@ -241,8 +240,6 @@ def fit(model, batches: Iterator[dict], cfg: LoopConfig,
                 path = save_checkpoint(cfg.checkpoint_dir, model, opt, sched, done, rngs, meta)
                 print(f"checkpoint step {done}: {path}", flush=True)
             saved_step = done
-    if log:
-        log.close()
     model.eval()
     return {"best": best, "best_step": best_step, "last": last, "config": asdict(cfg)}
 
