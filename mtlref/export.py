@@ -159,6 +159,7 @@ def export_merged(model, task_id: int, out, model_dir, max_shard_bytes: int = 5 
             size = 0
         shards[-1].append(k)
         size += nbytes
+    written = {"model.safetensors"} if len(shards) == 1 else {"model.safetensors.index.json"}
     if len(shards) == 1:
         write_atomic(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     else:
@@ -168,10 +169,16 @@ def export_merged(model, task_id: int, out, model_dir, max_shard_bytes: int = 5 
             part = {k: state[k] for k in keys}
             write_atomic(out / name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
             weight_map.update({k: name for k in keys})
+            written.add(name)
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": weight_map}
         text = json.dumps(index, indent=2)
         write_atomic(out / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(text))
+    # the weights of an earlier export into `out` go once the new ones are complete: a loader that
+    # prefers model.safetensors to the index (Hugging Face) would otherwise read the old task
+    for old in [out / "model.safetensors", out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
+        if old.name not in written and old.is_file():
+            old.unlink()
     for name in ("config.json", *TOKENIZER_FILES):
         if (model_dir / name).is_file():
             write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(model_dir / name, tmp))

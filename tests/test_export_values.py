@@ -376,6 +376,19 @@ def test_merged_checkpoint_holds_w_plus_delta_w_of_each_task(family, variant, la
             json.loads((FIXTURES / fixture / "config.json").read_text())
 
 
+def test_a_merged_export_into_an_earlier_ones_directory_leaves_none_of_its_weights(tmp_path):
+    """Task 0 in one file, then task 1 sharded into the same directory, then task 2 in one file
+    again: each time only the new task's weights are there (a stale model.safetensors beside an
+    index is what Hugging Face's loader would read first)."""
+    model, ra = build("llama-tiny", "mtl-lora", {}, seed=4)
+    fixture = FAMILIES["llama-tiny"][0]
+    for t, shard in ((0, 5 * 2 ** 30), (1, 20_000), (2, 5 * 2 ** 30)):
+        export_merged(model, t, tmp_path, FIXTURES / fixture, max_shard_bytes=shard)
+        state, files = read_merged(tmp_path)
+        assert (files > 1) == (t == 1) and (tmp_path / "model.safetensors.index.json").exists() == (t == 1)
+        check_merged(state, expected(model, fixture, ra, t, {}), fixture, "merged-again", t)
+
+
 # ----------------------------------------------------------------------------- the command line
 def export_cli():
     spec = importlib.util.spec_from_file_location("export_cli", ROOT / "export.py")
