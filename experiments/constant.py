@@ -4,7 +4,7 @@ learned anything the test can see.
 
     python experiments/constant.py --out experiments/analyses/constant.json
 
-For each distinct test set (mtlref.grid.scored_on: bench, tasks, data, split protocol, seed; the
+For each distinct test set (experiments.summary.scored_on: bench, tasks, data, split protocol, seed; the
 paper split's halves are drawn by the seed) the script loads the data exactly as train.py does
 and scores, with train.py's own metric code (mtlref.metrics), every answer in turn:
     classification   each label given to every example; the answer whose main metric is highest
@@ -21,15 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mtlref import grid as G  # noqa: E402
-from mtlref.data.tasks import get_spec  # noqa: E402
-from mtlref.metrics import task_metrics  # noqa: E402
-from mtlref.run import load_data  # noqa: E402
+from experiments import ROOT
+from experiments.summary import data_key, load_results
+from mtlref.data.tasks import get_spec
+from mtlref.metrics import task_metrics
+from mtlref.data.loading import load_data
 
 
 def best_constant(spec, labels: list[float]) -> dict:
@@ -67,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"))
     p.add_argument("--out", default=str(ROOT / "experiments" / "analyses" / "constant.json"))
     args = p.parse_args(argv)
-    keys = sorted({G.data_key(r) for r in G.load_results(Path(args.results))})
+    keys = sorted({data_key(r) for r in load_results(Path(args.results))})
     out = {"schema": 1, "command": "python experiments/constant.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "test_sets": {}}
     for k in keys:

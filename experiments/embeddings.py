@@ -23,14 +23,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mtlref.adapters import adapters_of  # noqa: E402
-from mtlref.run import load_run  # noqa: E402
+from mtlref.adapters import adapters_of
+from mtlref.evaluate import load_run
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, list[float]]:

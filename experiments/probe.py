@@ -19,16 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mtlref.adapters import adapters_of  # noqa: E402
-from mtlref.data.collate import eval_batches  # noqa: E402
-from mtlref.heads import family  # noqa: E402
-from mtlref.run import load_data, load_run, make_encoder  # noqa: E402
+from mtlref.adapters import adapters_of
+from mtlref.data.collate import eval_batches
+from mtlref.heads import family
+from mtlref.data.loading import load_data
+from mtlref.evaluate import load_run
+from mtlref.objective import make_encoder
 
 MODULE = {"bert": "encoder.layer.{last}.attention.output.dense", "llama": "model.layers.{last}.self_attn.o_proj",
           "t5": "encoder.block.{last}.layer.0.SelfAttention.o"}

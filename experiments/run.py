@@ -8,17 +8,15 @@
 Resumable: a cell with a result file (experiments/results/<grid>/<variant>__s<seed>.json) is never
 run again, a killed cell continues from its checkpoint, so the same command continues a killed
 grid. Weights and logs stay under --runs (default runs/, ignored by git). The format of a grid
-file and of a result file: mtlref/grid.py.
+file and of a result file: experiments/grid.py.
 """
 import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mtlref import grid as G  # noqa: E402
+from experiments import ROOT
+from experiments import grid as G
 
 
 def main(argv=None) -> int:

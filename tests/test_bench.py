@@ -1,5 +1,5 @@
 """bench.py: the --quick run writes the JSON schema that CI relies on (never its timings), and
-the timing helpers do what mtlref/bench.py says (the floor's backward, shared base weights,
+the timing helpers do what experiments/bench/ says (the floor's backward, shared base weights,
 round-robin order, paired ratios)."""
 import importlib.util
 import json
@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtlref import bench
+from experiments.bench.models import build, head_for, make_batch, matmul_params, random_base, run_model, task_loss
+from experiments.bench.settings import FLOOR, INFERENCE, METHODS, PAPER_VS_LORA, TARGETS, BenchConfig
+from experiments.bench.timing import ratio, round_robin, summary
 from mtlref.adapters import REGISTRY
-from mtlref.checkpoint import load_model
+from mtlref.pretrained import load_model
+from mtlref.layers import ForwardContext
 from conftest import FIXTURES, need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def test_quick_run_json_schema(quick):
 
     train = res["training"]
     peer = {"peer-lora"} if res["peer"] is not None else set()
-    assert set(train) == {bench.FLOOR, *REGISTRY} | peer           # every method, and the floor
+    assert set(train) == {FLOOR, *REGISTRY} | peer           # every method, and the floor
     for name, row in train.items():
         check_stats(row["seconds"])
         check_stats(row["vs_floor"])
@@ -67,17 +70,17 @@ def test_quick_run_json_schema(quick):
         assert row["tokens_per_s"] > 0
         if name not in peer:
             assert isinstance(row["trainable_params"], int) and row["trainable_params"] > 0
-        if name in bench.TARGETS:
+        if name in TARGETS:
             t = row["target"]
-            ref = "vs_floor" if t["reference"] == bench.FLOOR else "vs_lora"
+            ref = "vs_floor" if t["reference"] == FLOOR else "vs_lora"
             assert t["ratio"] == row[ref]["median"] and t["met"] == (t["ratio"] <= t["max_ratio"])
-        assert row["paper_vs_lora"] == bench.PAPER_VS_LORA.get(name)
+        assert row["paper_vs_lora"] == PAPER_VS_LORA.get(name)
     # a method against itself is exactly 1 in every round (the ratios are paired per round)
     assert train["lora"]["vs_lora"]["min"] == train["lora"]["vs_lora"]["max"] == 1.0
     assert train["floor"]["vs_floor"]["median"] == 1.0 and train["floor"]["trainable_params"] == 1
 
     inf = res["inference"]
-    assert set(inf) == set(bench.INFERENCE)
+    assert set(inf) == set(INFERENCE)
     for name, rows in inf.items():
         assert list(rows) == [str(b) for b in cfg["infer_batch_sizes"]]
         for row in rows.values():
@@ -85,7 +88,7 @@ def test_quick_run_json_schema(quick):
             check_stats(row["vs_lora_merged"])
             assert row["tokens_per_s"] > 0
 
-    assert set(res["memory"]) == {bench.FLOOR, *REGISTRY}
+    assert set(res["memory"]) == {FLOOR, *REGISTRY}
     for row in res["memory"].values():
         assert row["peak_mb"] > 0 and row["before_mb"] > 0 and row["peak_mb"] >= row["delta_mb"]
         assert row["method"] == res["memory_how"]
@@ -102,16 +105,16 @@ def test_quick_run_peer_plot_and_table(quick):
         assert res["plot"] is None and "matplotlib" in res["plot_note"]
     else:
         assert Path(res["plot"]).is_file()
-    for name in [bench.FLOOR, *REGISTRY, *bench.INFERENCE]:
+    for name in [FLOOR, *REGISTRY, *INFERENCE]:
         assert f"| {name} |" in stdout, name
 
 
 def test_floor_backward_reaches_the_activations_but_no_weight():
     base = load_model(need_fixture())
-    cfg = bench.BenchConfig(model=str(BERT_TINY), batch_size=2, seq_len=8)
-    floor = bench.build(base, bench.FLOOR, cfg)
+    cfg = BenchConfig(model=str(BERT_TINY), batch_size=2, seq_len=8)
+    floor = build(base, FLOOR, cfg)
     assert [n for n, p in floor.named_parameters() if p.requires_grad] == ["floor_scalar"]
-    batch = bench.make_batch(base, 2, 8, cfg.num_tasks, "cpu")
+    batch = make_batch(base, 2, 8, cfg.num_tasks, "cpu")
     grads = []
 
     def keep_grad(module, inputs, out):
@@ -119,22 +122,22 @@ def test_floor_backward_reaches_the_activations_but_no_weight():
             out.register_hook(grads.append)
     floor.encoder.layer[-1].output.dense.register_forward_hook(keep_grad)      # the top layer's FFN output
     floor.encoder.layer[0].attention.self.query.register_forward_hook(keep_grad)   # the bottom layer's query
-    out = bench.run_model(floor, batch, bench.ForwardContext(task_ids=batch["task_ids"]))
-    bench.task_loss(out, batch, "bert", bench.head_for(base, cfg)).backward()
+    out = run_model(floor, batch, ForwardContext(task_ids=batch["task_ids"]))
+    task_loss(out, batch, "bert", head_for(base, cfg)).backward()
     assert len(grads) == 2 and all(g.abs().sum() > 0 for g in grads)    # top and bottom layers both ran backward
     assert floor.floor_scalar.grad is not None and floor.floor_scalar.grad != 0
     assert all(p.grad is None for n, p in floor.named_parameters() if n != "floor_scalar")
     with torch.no_grad():                                        # the scalar is 0: the floor computes the base
-        assert torch.equal(bench.run_model(floor, batch, bench.ForwardContext()),
-                           bench.run_model(base, batch, bench.ForwardContext()))
+        assert torch.equal(run_model(floor, batch, ForwardContext()),
+                           run_model(base, batch, ForwardContext()))
 
 
 def test_methods_share_the_one_copy_of_the_base_weights():
     base = load_model(need_fixture())
-    cfg = bench.BenchConfig(model=str(BERT_TINY))
-    assert set(bench.METHODS) == set(REGISTRY)
+    cfg = BenchConfig(model=str(BERT_TINY))
+    assert set(METHODS) == set(REGISTRY)
     for name in ("lora", "mixlora"):
-        m = bench.build(base, name, cfg)
+        m = build(base, name, cfg)
         assert m.encoder.layer[0].attention.self.query.weight is base.encoder.layer[0].attention.self.query.weight
         assert any(p.requires_grad for p in m.parameters())
     assert not any(p.requires_grad for p in base.parameters())   # attaching froze the shared base, nothing more
@@ -144,12 +147,12 @@ def test_methods_share_the_one_copy_of_the_base_weights():
 def test_round_robin_rotates_the_order_and_ratios_are_paired():
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    times = bench.round_robin(fns, repeats=3, warmup=1, device="cpu")
+    times = round_robin(fns, repeats=3, warmup=1, device="cpu")
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert all(len(v) == 3 for v in times.values())
-    r = bench.ratio({"x": [2.0, 4.0, 9.0], "y": [1.0, 2.0, 3.0]}, "x", "y")
+    r = ratio({"x": [2.0, 4.0, 9.0], "y": [1.0, 2.0, 3.0]}, "x", "y")
     assert r["median"] == 2.0 and r["min"] == 2.0 and r["max"] == 3.0 and r["n"] == 3
-    s = bench.summary([4.0, 1.0, 3.0, 2.0, 5.0])
+    s = summary([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (s["median"], s["q1"], s["q3"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
 
 
@@ -163,16 +166,16 @@ def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
 
 
 def test_random_weights_of_a_config_shape():
-    """bench.random_base builds config.json's model on the device in the asked dtype: every
+    """random_base builds config.json's model on the device in the asked dtype: every
     matrix N(0, 0.02), norms 1; and matmul_params counts the matrices a token multiplies."""
-    model = bench.random_base(FIXTURES / "llama-tiny" / "config.json", torch.bfloat16, "cpu")
+    model = random_base(FIXTURES / "llama-tiny" / "config.json", torch.bfloat16, "cpu")
     cfg = json.loads((FIXTURES / "llama-tiny" / "config.json").read_text())
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     w = model.model.layers[0].self_attn.q_proj.weight.float()
     assert abs(w.std().item() - 0.02) < 0.004 and model.model.norm.weight.eq(1).all()
     C, F_, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = C // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    assert bench.matmul_params(model) == L * (2 * C * C + 2 * C * kv + 3 * C * F_) + V * C
+    assert matmul_params(model) == L * (2 * C * C + 2 * C * kv + 3 * C * F_) + V * C
 
 
 def test_report_regenerates_the_printed_tables_from_the_json(quick, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtlref.checkpoint import CheckpointError, load_model
+from mtlref.pretrained import CheckpointError, load_model
 from conftest import need
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"

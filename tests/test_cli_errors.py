@@ -4,7 +4,6 @@
 Most cases call train.main in-process (fast); one runs a real process to check that nothing
 else reaches stderr.
 """
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -18,16 +17,14 @@ from conftest import FIXTURES, ROOT, Spec, need
 from mtlref import attach_adapters, load_adapters, load_model, save_adapters
 from mtlref.heads import MultiTaskModel
 from mtlref.train import LoopConfig, predict, train_step
+from mtlref.commands import train_main
 
-spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
 
 
 def fails(capsys, *argv: str, code: int = 2) -> str:
     """Run train.py's main; assert it exits with `code` after exactly one stderr line; return it."""
     with pytest.raises(SystemExit) as exit_:
-        train_cli.main(list(argv))
+        train_main(list(argv))
     assert exit_.value.code == code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -167,7 +164,7 @@ def test_resume_without_a_checkpoint(capsys, run):
 
 @pytest.mark.slow
 def test_resume_a_checkpoint_of_another_method_or_a_damaged_one(capsys, run, tmp_path):
-    train_cli.main([*run, "--method", "lora", "--save-every", "2"])
+    train_main([*run, "--method", "lora", "--save-every", "2"])
     capsys.readouterr()
     line = fails(capsys, *run, "--method", "more", "--save-every", "2", "--resume")
     assert "written by a run with other settings" in line and "'extra.method': ('lora', 'more')" in line

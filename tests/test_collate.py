@@ -5,8 +5,8 @@ import torch
 from conftest import SHARED, need
 from mtlref import load_tokenizer
 from mtlref.data.collate import Encoder, LengthGroupedBatches
+from mtlref.data.readers import Example
 from mtlref.data.samplers import MultiTaskSampler
-from mtlref.data.tasks import Example
 from mtlref.heads import CausalLM
 
 

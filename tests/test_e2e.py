@@ -6,7 +6,6 @@ learning rate of the warm-up + linear decay schedule, the evaluations).
 glue, superglue and jsonl train conftest's tiny_bert (real GLUE / SuperGLUE files from
 ../shared/data); commonsense trains the real babyllama-1m with its SentencePiece tokenizer.
 """
-import importlib.util
 import json
 
 import numpy as np
@@ -14,17 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, ROOT, SHARED, need
+from conftest import DATA, SHARED, need
 from mtlref import generate, load_adapters, load_model, load_tokenizer
 from mtlref.data.tasks import extract_answer, load_task
 from mtlref.data.templates import render
+from mtlref.commands import eval_main, train_main
 
-spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
-spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
 
 METRICS_KEYS = {"tasks", "average", "best_step", "split", "method", "model", "objective", "trainable_params",
                 "trainable_percent", "head_params", "steps", "wall_s", "settings"}
@@ -73,7 +67,7 @@ def test_glue_run_on_real_glue(tiny_bert, tmp_path):
     evaluations at 15 and 30 on the dev sets, the best one reported; lr after 25 steps is
     base x (30 - 25) / (30 - 10); eval.py reprints the numbers."""
     out = tmp_path / "glue"
-    m = train_cli.main(["--bench", "glue", "--tasks", "rte,stsb", "--data-dir", str(need(DATA)),
+    m = train_main(["--bench", "glue", "--tasks", "rte,stsb", "--data-dir", str(need(DATA)),
                         "--model", str(tiny_bert), "--method", "more", "--max-steps", "30", "--warmup-steps", "10",
                         "--eval-every", "15", "--lr", "2e-3", "--batch-size", "8", "--max-length", "64",
                         "--max-eval-examples", "16", "--eval-batch-size", "16", "--out", str(out)])
@@ -93,7 +87,7 @@ def test_glue_run_on_real_glue(tiny_bert, tmp_path):
     assert all("more_contrastive" in r["loss"] for r in log if "loss" in r)  # MoRE Eq. 10's L_con
     assert tensors["heads.0.weight"].shape[0] == 2 and tensors["heads.1.weight"].shape[0] == 1
     assert any(k.endswith("task_embedding") for k in tensors)
-    again = eval_cli.main(["--checkpoint", str(out)])
+    again = eval_main(["--checkpoint", str(out)])
     assert again["tasks"] == metrics["tasks"] and again["average"] == metrics["average"]
 
 
@@ -103,7 +97,7 @@ def test_superglue_run_with_the_default_tasks(tiny_bert, tmp_path):
     of its validation file, scored on the other half) and scores their dev sets."""
     out = tmp_path / "superglue"
     need(DATA / "superglue")
-    train_cli.main(["--bench", "superglue", "--data-dir", str(DATA),
+    train_main(["--bench", "superglue", "--data-dir", str(DATA),
                     "--model", str(tiny_bert), "--method", "lora", "--max-steps", "6", "--lr", "2e-3",
                     "--batch-size", "8", "--max-length", "64", "--max-eval-examples", "16", "--out", str(out)])
     metrics, tensors, config, log = outputs(out)
@@ -123,7 +117,7 @@ def test_jsonl_run_on_users_tasks(tiny_bert, tiny_tasks, tmp_path):
     base x 26 / 28), one evaluation at the end, MTL-LoRA's task tensors and one 2-way head per
     task in the adapter file."""
     out = tmp_path / "jsonl"
-    train_cli.main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert),
+    train_main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert),
                     "--method", "mtl-lora", "--max-steps", "30", "--warmup-steps", "28", "--lr", "1e-3",
                     "--batch-size", "4", "--max-length", "16", "--out", str(out)])
     metrics, tensors, config, log = outputs(out)
@@ -146,7 +140,7 @@ def test_commonsense_run_on_babyllama(tmp_path):
     adapters and read with LLM-Adapters' extraction; no heads; eval.py --limit 2 reprints them."""
     model_dir = need(SHARED / "weights" / "babyllama-1m")
     out = tmp_path / "commonsense"
-    train_cli.main(["--bench", "commonsense", "--tasks", "boolq,arc_easy", "--data-dir", str(need(DATA)),
+    train_main(["--bench", "commonsense", "--tasks", "boolq,arc_easy", "--data-dir", str(need(DATA)),
                     "--model", str(model_dir), "--method", "lora", "--max-steps", "20", "--lr", "3e-3",
                     "--batch-size", "4", "--max-length", "64", "--eval-limit", "2", "--eval-batch-size", "4",
                     "--out", str(out)])
@@ -172,6 +166,6 @@ def test_commonsense_run_on_babyllama(tmp_path):
             new = generate(backbone, tok, prompt, max_new_tokens=32, task_ids=torch.tensor([tid]))
             right += extract_answer(task, tok.decode(new)) == ex.label
         assert metrics["tasks"][task]["accuracy"] == right / 2, task
-    again = eval_cli.main(["--checkpoint", str(out), "--limit", "2", "--batch-size", "4"])
+    again = eval_main(["--checkpoint", str(out), "--limit", "2", "--batch-size", "4"])
     assert {t: r["accuracy"] for t, r in again["tasks"].items()} == \
         {t: r["accuracy"] for t, r in metrics["tasks"].items()}

@@ -10,7 +10,6 @@ values, and eval.py --checkpoint reprints exactly what train.py reported.
 - A head-objective BERT run on jsonl tasks: eval.py reprints the numbers, and they are what the
   saved adapters and heads predict on the dev file, counted here.
 """
-import importlib.util
 import json
 import zlib
 
@@ -18,19 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 from mtlref import load_adapters, load_model, load_tokenizer
 from mtlref.data.collate import Encoder
 from mtlref.data.tasks import Example, get_spec, load_jsonl_tasks
 from mtlref.heads import MultiTaskModel
-from mtlref.run import make_evaluator
+from mtlref.evaluate import make_evaluator
+from mtlref.commands import eval_main, train_main
 
-spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
-spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
 
 
 # ----------------------------------------------------------------------------- known predictions
@@ -128,13 +121,13 @@ def rte_dir(tmp_path_factory):
 
 
 def glue_run(tiny_bert, data, out, *flags):
-    return train_cli.main(["--bench", "glue", "--tasks", "rte", "--data-dir", str(data), "--model", str(tiny_bert),
+    return train_main(["--bench", "glue", "--tasks", "rte", "--data-dir", str(data), "--model", str(tiny_bert),
                            "--max-steps", "4", "--eval-every", "1", "--batch-size", "4", "--max-length", "32",
                            "--lr", "5e-3", "--seed", "0", "--out", str(out), *flags])
 
 
 def eval_run(out, *flags):
-    return eval_cli.main(["--checkpoint", str(out), *flags])
+    return eval_main(["--checkpoint", str(out), *flags])
 
 
 @pytest.mark.slow
@@ -187,7 +180,7 @@ def test_eval_reprints_a_bert_jsonl_run_and_the_numbers_are_the_adapters(tiny_be
     best step's adapters and heads), and they are the accuracy that those saved adapters and
     heads, loaded onto a fresh base, give on the dev file, counted here."""
     out = tmp_path / "run"
-    m = train_cli.main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--jsonl-dev", str(dev_jsonl),
+    m = train_main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--jsonl-dev", str(dev_jsonl),
                         "--model", str(tiny_bert), "--method", "mtl-lora", "--max-steps", "6", "--eval-every", "2",
                         "--batch-size", "4", "--max-length", "16", "--lr", "5e-3", "--out", str(out)])
     assert m["objective"] == "head" and m["split"] == "dev" and set(m["tasks"]) == {"sentiment", "pair"}
@@ -216,7 +209,7 @@ def test_eval_reprints_a_bert_jsonl_run_and_the_numbers_are_the_adapters(tiny_be
 def test_users_tasks_without_a_dev_file_are_scored_on_held_out_rows(tiny_tasks):
     """--bench jsonl without --jsonl-dev: a seeded 10 % of each task (at least one row) is the
     dev set, and no scored row is trained on."""
-    from mtlref.run import load_data
+    from mtlref.data.loading import load_data
     specs, splits = load_data("jsonl", None, "data", "dev", 3, str(tiny_tasks))
     for spec in specs:
         sp = splits[spec.name]

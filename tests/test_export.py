@@ -249,19 +249,13 @@ def test_every_option_value_is_recorded_and_old_files_load_with_their_defaults(t
 
 @pytest.mark.slow
 def test_the_cli_exports_every_task_of_a_run_with_its_head(tiny_bert, tiny_tasks, tmp_path):
-    import importlib.util
-    from conftest import ROOT
+    from mtlref.commands import export_main, train_main
     from mtlref.export import HEAD_CONFIG, HEAD_WEIGHTS
-    clis = {}
-    for name in ("train", "export"):
-        spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-        clis[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(clis[name])
     run_dir = tmp_path / "run"
-    clis["train"].main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--method",
+    train_main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--method",
                         "mtl-lora", "--batch-size", "4", "--max-length", "16", "--max-steps", "2", "--lr", "5e-2",
                         "--out", str(run_dir)])
-    written = clis["export"].main(["--checkpoint", str(run_dir), "--task", "all", "--out", str(tmp_path / "x")])
+    written = export_main(["--checkpoint", str(run_dir), "--task", "all", "--out", str(tmp_path / "x")])
     assert [p.name for p in written] == ["sentiment", "pair"]
     heads = load_file(str(run_dir / "adapter.safetensors"))
     for t, p in enumerate(written):
@@ -270,8 +264,8 @@ def test_the_cli_exports_every_task_of_a_run_with_its_head(tiny_bert, tiny_tasks
         assert torch.equal(head["weight"], heads[f"heads.{t}.weight"])
         info = json.loads((p / HEAD_CONFIG).read_text())
         assert info["task"] == p.name and info["reads"] == "mean pooling of the encoder output"
-    merged = clis["export"].main(["--checkpoint", str(run_dir), "--task", "pair", "--format", "merged",
+    merged = export_main(["--checkpoint", str(run_dir), "--task", "pair", "--format", "merged",
                                   "--out", str(tmp_path / "m")])
     assert (merged[0] / "vocab.txt").is_file() and load_model(merged[0]) is not None
     with pytest.raises(SystemExit):
-        clis["export"].main(["--checkpoint", str(run_dir), "--task", "nope", "--out", str(tmp_path / "y")])
+        export_main(["--checkpoint", str(run_dir), "--task", "nope", "--out", str(tmp_path / "y")])

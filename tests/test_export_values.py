@@ -18,7 +18,6 @@ Measured (CPU, fp32 files against the float64 reference, `pytest -s` prints it):
 sharded), 7.6e-8 through export.py; TOL = 1e-5.
 """
 import copy
-import importlib.util
 import json
 import math
 import re
@@ -27,10 +26,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, ROOT, need
+from conftest import FIXTURES, need
 from mtlref import load_model
 from mtlref.adapters import (DoRA, LoRA, MixLoRA, MoELoRA, MoRE, MTLLoRA, MultiLoRA, adapters_of, attach_adapters,
                              save_adapters, slots_of)
+from mtlref.commands import export_main
 from mtlref.export import PEFT_CONFIG, PEFT_WEIGHTS, export_merged, export_peft
 from mtlref.layers import RowBlock
 from test_adapters import base_model
@@ -390,18 +390,11 @@ def test_a_merged_export_into_an_earlier_ones_directory_leaves_none_of_its_weigh
 
 
 # ----------------------------------------------------------------------------- the command line
-def export_cli():
-    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_dir(path, method, options, model_dir, tasks_file):
     """A train.py --out directory written by hand (no training): the adapters moved off their
     init, untrained heads, and the run config that load_run reads. Returns (backbone, ranks, names)."""
     from mtlref.data.tasks import load_jsonl_tasks
-    from mtlref.run import build_model
+    from mtlref.objective import build_model
     from mtlref.tokenizer import load_tokenizer
     specs = [s for s, _ in load_jsonl_tasks(tasks_file).values()]
     backbone, ra = build("bert-tiny", method, options, seed=4, num_tasks=len(specs), base=load_model(model_dir))
@@ -417,12 +410,11 @@ def test_the_cli_options_write_w_plus_delta_w(tiny_bert, tiny_tasks, tmp_path):
     """export.py on a run: plain peft, --uniform-rank with --prefix bert., --format merged with
     a --max-shard-gb small enough to shard (MoRE, per-module and per-task ranks), and
     --attention-only (MixLoRA): each task's files hold W + ΔW_t."""
-    cli = export_cli()
     options = {}
     more, ra, names = run_dir(tmp_path / "more", "more", options, tiny_bert, tiny_tasks)
     for flags, prefix in (([], ""), (["--uniform-rank", "--prefix", "bert."], "bert.")):
         out = tmp_path / ("x" + "".join(flags))
-        assert cli.main(["--checkpoint", str(tmp_path / "more"), "--task", "all", "--out", str(out), *flags]) == \
+        assert export_main(["--checkpoint", str(tmp_path / "more"), "--task", "all", "--out", str(out), *flags]) == \
             [out / n for n in names]
         for t, n in enumerate(names):
             cfg, got, ranks = read_peft(out / n, "bert-tiny", prefix)
@@ -434,7 +426,7 @@ def test_the_cli_options_write_w_plus_delta_w(tiny_bert, tiny_tasks, tmp_path):
                 close(got[module], w, "cli-peft", (flags, n, module))
     for t, n in enumerate(names):
         out = tmp_path / "merged" / n
-        cli.main(["--checkpoint", str(tmp_path / "more"), "--task", n, "--format", "merged",
+        export_main(["--checkpoint", str(tmp_path / "more"), "--task", n, "--format", "merged",
                   "--max-shard-gb", str(20_000 / 2 ** 30), "--out", str(out)])
         state, files = read_merged(out)
         assert files > 1 and (out / "vocab.txt").is_file()
@@ -442,7 +434,7 @@ def test_the_cli_options_write_w_plus_delta_w(tiny_bert, tiny_tasks, tmp_path):
     options = {"num_experts": 2, "top_k": 1}
     mix, ra, names = run_dir(tmp_path / "mix", "mixlora", options, tiny_bert, tiny_tasks)
     out = tmp_path / "attention"
-    cli.main(["--checkpoint", str(tmp_path / "mix"), "--task", "all", "--attention-only", "--out", str(out)])
+    export_main(["--checkpoint", str(tmp_path / "mix"), "--task", "all", "--attention-only", "--out", str(out)])
     for t, n in enumerate(names):
         _, got, _ = read_peft(out / n, "bert-tiny")
         want = expected(mix, "bert-tiny", ra, t, options, len(names))

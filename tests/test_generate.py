@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtlref.checkpoint import load_model
+from mtlref.pretrained import load_model
 from mtlref.generate import filter_logits, generate, next_token
 from mtlref.layers import AdaptedLinear
 from conftest import need

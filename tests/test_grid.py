@@ -3,7 +3,6 @@ tasks, a few steps): cells run two at a time and leave their result files, a sec
 nothing, a killed grid resumes its cell and ends with the uninterrupted metrics, a stored command
 re-runs its cell to the same metrics, and the report's numbers are the result files' numbers.
 The real grids (experiments/grids/) are never run here."""
-import importlib.util
 import json
 import math
 import os
@@ -18,9 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, need_extra
-from mtlref import grid as G
+from experiments import embeddings, probe, tuning
+from experiments import grid as G
+from experiments.constant import best_constant
+from experiments.replication.claims import caveats, here
+from experiments.stats import T975, holm, mean_std, paired_t, t_two_sided_p
+from experiments.summary import collapsed, data_key, load_results, main_value, summarise
+from mtlref.data.readers import Example
 from mtlref.data.splits import hold_out
-from mtlref.data.tasks import Example, get_spec
+from mtlref.data.tasks import get_spec
 
 
 def tiny_grid(path: Path, model: Path, tasks: Path, steps: int = 6, seeds=(0, 1), variants=None) -> Path:
@@ -72,27 +77,31 @@ def test_grid_files_are_checked_and_cells_run_seed_major(tmp_path):
 
 
 def test_paired_t_over_seeds():
+    need_extra("scipy")                                  # the t distribution: the analysis extra
     a, b = {0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.63, 2: 0.61}
-    t = G.paired_t(a, b)                       # differences 0.10, 0.09, 0.10: mean 0.09667, sd 0.005774
+    t = paired_t(a, b)                       # differences 0.10, 0.09, 0.10: mean 0.09667, sd 0.005774
     assert t["n"] == 3 and t["mean_diff"] == pytest.approx(0.096667, abs=1e-6)
     assert t["t"] == pytest.approx(0.096667 / (0.0057735 / math.sqrt(3)), rel=1e-4) and t["significant"]
-    noisy = G.paired_t({0: 0.70, 1: 0.60, 2: 0.71}, {0: 0.65, 1: 0.66, 2: 0.64})   # +0.05, -0.06, +0.07
+    noisy = paired_t({0: 0.70, 1: 0.60, 2: 0.71}, {0: 0.65, 1: 0.66, 2: 0.64})   # +0.05, -0.06, +0.07
     assert noisy["critical"] == 4.303 and not noisy["significant"]
-    assert G.paired_t({0: 0.7}, {0: 0.6}) is None and G.paired_t({0: 0.7, 1: 0.7}, {2: 0.6, 3: 0.6}) is None
-    assert G.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and G.mean_std([5.0]) == (5.0, 0.0)
+    assert paired_t({0: 0.7}, {0: 0.6}) is None and paired_t({0: 0.7, 1: 0.7}, {2: 0.6, 3: 0.6}) is None
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_t_p_values_match_the_critical_values_and_holm_keeps_the_family_wise_level():
-    for df, crit in G.T975.items():                     # each tabled two-sided 95 % value has p = 0.05
-        assert G.t_two_sided_p(crit, df) == pytest.approx(0.05, abs=1e-4), df
-    assert G.t_two_sided_p(1.0, 1) == pytest.approx(0.5)                 # Cauchy: P(|T| > 1) = 1/2
-    assert G.t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))   # df 2: 1 - t / sqrt(2 + t^2)
-    assert G.t_two_sided_p(0.0, 5) == 1.0 and G.t_two_sided_p(math.inf, 2) == 0.0
-    assert G.t_two_sided_p(-3.0, 4) == G.t_two_sided_p(3.0, 4)
-    assert G.paired_t({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.63, 2: 0.61})["p"] < 0.05
+    need_extra("scipy")                                  # the t distribution: the analysis extra
+    for df, crit in T975.items():                     # each tabled two-sided 95 % value has p = 0.05
+        assert t_two_sided_p(crit, df) == pytest.approx(0.05, abs=1e-4), df
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5)                 # Cauchy: P(|T| > 1) = 1/2
+    assert t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))   # df 2: 1 - t / sqrt(2 + t^2)
+    assert t_two_sided_p(0.0, 5) == 1.0 and t_two_sided_p(math.inf, 2) == 0.0
+    assert t_two_sided_p(-3.0, 4) == t_two_sided_p(3.0, 4)
+    assert paired_t({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.63, 2: 0.61})["p"] < 0.05
     # Holm over 4: 0.01 < 0.05/4 rejected; 0.02 >= 0.05/3 stops, so 0.03 is kept although 0.03 < 0.05/2
-    assert G.holm([0.03, 0.01, 0.02, 0.5]) == [False, True, False, False]
-    assert G.holm([0.001, 0.012, 0.02]) == [True, True, True] and G.holm([]) == []
+    assert holm([0.03, 0.01, 0.02, 0.5]) == [False, True, False, False]
+    assert holm([0.001, 0.012, 0.02]) == [True, True, True] and holm([]) == []
+    from scipy import stats                              # the printed critical values are scipy's, to 3 decimals
+    assert all(round(float(stats.t.ppf(0.975, df)), 3) == crit for df, crit in T975.items())
 
 
 def test_a_cell_whose_sts_b_pearson_is_near_zero_is_flagged_collapsed():
@@ -101,9 +110,9 @@ def test_a_cell_whose_sts_b_pearson_is_near_zero_is_flagged_collapsed():
                                                 else {})
         return {"variant": "v", "seed": seed, "metrics": {"tasks": tasks, "average": 0.5}, "wall_s": 1.0,
                 "threads": 1, "machine": {"cpu": "c"}}
-    assert G.collapsed(rec(0, 0.007)["metrics"]) and not G.collapsed(rec(0, 0.86)["metrics"])
-    assert not G.collapsed(rec(0, None)["metrics"])                          # no STS-B: nothing to tell by
-    assert G.summarise([rec(0, 0.86), rec(1, 0.003), rec(2, 0.19)])["v"]["collapsed"] == [1, 2]
+    assert collapsed(rec(0, 0.007)["metrics"]) and not collapsed(rec(0, 0.86)["metrics"])
+    assert not collapsed(rec(0, None)["metrics"])                          # no STS-B: nothing to tell by
+    assert summarise([rec(0, 0.86), rec(1, 0.003), rec(2, 0.19)])["v"]["collapsed"] == [1, 2]
 
 
 def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_bert, tiny_tasks, tmp_path):
@@ -125,6 +134,7 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
     assert "4 of 4 cells already have results; not run again" in again.stdout and "start" not in again.stdout
     assert [f.read_text() for f in files] == before
 
+    need_extra("scipy")                                   # the report's paired t-tests: the analysis extra
     out = tmp_path / "doc" / "REPLICATION.md"
     done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(tmp_path / "results"),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -132,12 +142,12 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
     text = out.read_text()
     recs = [json.loads(f.read_text()) for f in files]
     for variant in ("lora-mt", "more"):
-        avg = G.mean_std([r["metrics"]["average"] for r in recs if r["variant"] == variant])
+        avg = mean_std([r["metrics"]["average"] for r in recs if r["variant"] == variant])
         assert f"**{avg[0]:.4f} ± {avg[1]:.4f}**" in text, variant
     assert "**Cells finished: 4**" in text and "## Grid `tiny`" in text and "paired t-test" in text
     row = next(line for line in text.splitlines() if line.startswith("| more | 2 |"))
     for task in ("sentiment", "pair"):                    # each task's mean ± std over the two seeds
-        ms = G.mean_std([G.main_metric(task, r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
+        ms = mean_std([main_value(task, r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
         assert f"{ms[0]:.4f} ± {ms[1]:.4f}" in row, task
     assert "| variant | seeds | pair | sentiment | average |" in text            # tasks outside GLUE: sorted
     assert "best constant" not in text                                    # no constant.json yet
@@ -168,7 +178,7 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| best constant | 2 |"))
     for task in ("pair", "sentiment"):
-        ms = G.mean_std([want[task, 0], want[task, 1]])
+        ms = mean_std([want[task, 0], want[task, 1]])
         assert f"| {ms[0]:.4f} ± {ms[1]:.4f} |" in row, (task, row)
 
 
@@ -228,14 +238,6 @@ def test_a_resumed_cell_records_the_wall_time_of_all_its_processes(tmp_path):
         assert rec["wall_s"] == 112.0 + before and rec["resumed"] is resumed
 
 
-def load_cli(name: str):
-    """An experiments/ script as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def report(results: Path, analyses: Path, doc: Path) -> str:
     """experiments/report.py on these result files and analyses: the document's text."""
     done = subprocess.run([sys.executable, "experiments/report.py", "--results", str(results), "--analyses",
@@ -263,7 +265,6 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
                                "--max-length", "16", "--lr", "5e-2", "--out", str(runs[method])], cwd=ROOT,
                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
-    probe = load_cli("probe")
     cfg = json.loads((runs["lora"] / "adapter_config.json").read_text())
     hidden = json.loads((tiny_bert / "config.json").read_text())["hidden_size"]
     feats = {m: probe.features(runs[m], per_task=3, seed=0, module=None, data_dir=None) for m in runs}
@@ -299,18 +300,17 @@ def test_pca_keeps_the_distances_of_points_in_a_plane():
     """experiments/embeddings.py's PCA: points that lie in a 2-D plane of a 40-D space keep every
     pairwise distance in their 2 coordinates, and the two shares of the variance sum to 1; a third
     direction with variance takes its share."""
-    emb = load_cli("embeddings")
     g = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(40, 2, generator=g, dtype=torch.float64))
     plane = torch.randn(7, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0], dtype=torch.float64)
     x = (plane @ basis.T + 5.0).numpy()                                   # offset: PCA must centre
-    xy, share = emb.pca_2d(x)
+    xy, share = embeddings.pca_2d(x)
     d = lambda a: ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1) ** 0.5  # noqa: E731
     assert abs(d(xy) - d(x)).max() < 1e-9
     assert abs(sum(share) - 1.0) < 1e-12 and share[0] > share[1]
     third = torch.linalg.qr(torch.randn(40, 3, generator=g, dtype=torch.float64))[0][:, 2]
     x3 = x + (torch.randn(7, 1, generator=g, dtype=torch.float64) * 0.5 * third).numpy()
-    assert sum(emb.pca_2d(x3)[1]) < 1.0 - 1e-3
+    assert sum(embeddings.pca_2d(x3)[1]) < 1.0 - 1e-3
 
 
 def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts(tiny_bert, tiny_tasks, tmp_path):
@@ -323,10 +323,9 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
                            "--batch-size", "4", "--max-length", "16", "--lr", "5e-2", "--out", str(run)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    emb = load_cli("embeddings")
-    res = emb.analyse(run, 0.0)
-    _, specs, backbone, _, _ = emb.load_run(run)
-    ads = emb.adapters_of(backbone)
+    res = embeddings.analyse(run, 0.0)
+    _, specs, backbone, _, _ = embeddings.load_run(run)
+    ads = embeddings.adapters_of(backbone)
     attn = sorted(n for n in ads if n.startswith("encoder.layer.1.") and ".attention." in n)
     assert attn and list(res["modules"]) == attn + ["all"] and res["tasks"] == [s.name for s in specs]
     for n in attn:
@@ -336,16 +335,16 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
         assert len(res["modules"][n]["pca"]) == len(specs)
     assert res["modules"]["all"]["dim"] == sum(ads[n].task_embedding.shape[1] for n in attn)
     assert set(res["scaled_rank_maps"]) == set(ads) and min(min(v) for v in res["scaled_rank_maps"].values()) > 3
-    assert emb.analyse(run, 1.0)["scaled_rank_maps"] == {n: a.rank_map().tolist() for n, a in ads.items()}
+    assert embeddings.analyse(run, 1.0)["scaled_rank_maps"] == {n: a.rank_map().tolist() for n, a in ads.items()}
     official = tmp_path / "official"                                    # rank table fixed at init: no Figure 2b
     done = subprocess.run([*done.args[:-2], "--option", "official=true", "--out", str(official)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    res_o = emb.analyse(official, 0.0)
+    res_o = embeddings.analyse(official, 0.0)
     assert res_o["scaled_rank_maps"] == {} and len(res_o["modules"]["all"]["pca"]) == len(specs)
     need_extra("matplotlib")
     out = tmp_path / "analyses" / "embeddings-tiny.json"
-    assert emb.main([str(run), "--out", str(out)]) == 0
+    assert embeddings.main([str(run), "--out", str(out)]) == 0
     text = report_from_analyses(tmp_path)
     saved = json.loads(out.read_text())
     moved = sum(a != b for n in saved["rank_maps"] for a, b in zip(saved["rank_maps"][n], saved["scaled_rank_maps"][n]))
@@ -358,12 +357,11 @@ def test_the_best_constant_gives_every_example_the_answer_that_scores_highest():
     """experiments/constant.py's best_constant, with train.py's metric code: the most frequent
     label's accuracy, CoLA's majority label (every constant's MCC is 0: accuracy breaks the tie),
     and STS-B's mean, whose Pearson is 0 (a constant has no correlation)."""
-    best = load_cli("constant").best_constant
-    cola = best(get_spec("cola"), [1.0] * 7 + [0.0] * 3)
+    cola = best_constant(get_spec("cola"), [1.0] * 7 + [0.0] * 3)
     assert cola["answer"] == 1.0 and cola["main"] == 0.0 and cola["metrics"]["accuracy"] == pytest.approx(0.7)
-    mnli = best(get_spec("mnli"), [0.0, 0.0, 1.0, 2.0, 2.0, 2.0])
+    mnli = best_constant(get_spec("mnli"), [0.0, 0.0, 1.0, 2.0, 2.0, 2.0])
     assert mnli["answer"] == 2.0 and mnli["main"] == pytest.approx(0.5) and mnli["n"] == 6
-    stsb = best(get_spec("stsb"), [0.0, 1.0, 2.0, 5.0])
+    stsb = best_constant(get_spec("stsb"), [0.0, 1.0, 2.0, 5.0])
     assert stsb["answer"] == pytest.approx(2.0) and stsb["main"] == 0.0
 
 
@@ -382,15 +380,15 @@ def test_the_best_constant_row_names_the_tasks_a_variant_does_not_clear(tmp_path
     for r in cells:
         (tmp_path / "results" / "g").mkdir(parents=True, exist_ok=True)
         (tmp_path / "results" / "g" / f"{r['variant']}__s{r['seed']}.json").write_text(json.dumps(r))
-    const = {G.data_key(cells[0]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.51}}, "average": 0.255},
-             G.data_key(cells[1]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.53}}, "average": 0.265}}
+    const = {data_key(cells[0]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.51}}, "average": 0.255},
+             data_key(cells[1]): {"tasks": {"cola": {"main": 0.0}, "sst2": {"main": 0.53}}, "average": 0.265}}
     assert len(const) == 2                           # the seed picks the test set
     (tmp_path / "analyses").mkdir()
     (tmp_path / "analyses" / "constant.json").write_text(json.dumps({"test_sets": const}))
     text = report(tmp_path / "results", tmp_path / "analyses", tmp_path / "REPLICATION.md")
     assert "| best constant | 2 | 0.0000 ± 0.0000 | 0.5200 ± 0.0141 | 0.2600 ± 0.0071 | – | – |" in text
     assert "(nothing the test can see was learned there): CoLA: `a`; SST-2: `b`, `c`." in text   # -0.01 <= 0; 0.51 <= 0.52
-    del const[G.data_key(cells[1])]
+    del const[data_key(cells[1])]
     (tmp_path / "analyses" / "constant.json").write_text(json.dumps({"test_sets": const}))
     text = report(tmp_path / "results", tmp_path / "analyses", tmp_path / "REPLICATION.md")
     assert "| best constant | 1 | 0.0000 | 0.5100 | 0.2550 |" in text
@@ -400,21 +398,32 @@ def test_the_best_constant_row_names_the_tasks_a_variant_does_not_clear(tmp_path
 def test_a_claim_between_two_variants_that_learned_nothing_says_so():
     """here(): a claim's figure names the best constant when neither variant clears it on any of
     their tasks (a comparison of two constant-like models), and not when one of them does on one."""
-    report_cli = load_cli("report")
+    need_extra("scipy")                                  # the t distribution: the analysis extra
     summary = {v: {"seeds": {0: avg, 1: avg + 0.01}, "tasks": {"cb": (avg, 0.01), "mnli_mm": (0.9, 0.0)}}
                for v, avg in (("more-cb-k4", 0.49), ("lora-mt-cb-k4", 0.48))}
-    report_cli.AT_CONSTANT.update({"more-cb-k4": {"cb"}, "lora-mt-cb-k4": {"cb"}})
-    text = report_cli.here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01)
+    at_constant = {"more-cb-k4": {"cb"}, "lora-mt-cb-k4": {"cb"}}      # the tables' variants at or below it
+    text = here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01, at_constant)
     assert text.startswith("`more-cb-k4` − `lora-mt-cb-k4` = +0.0100 (2 seeds, p = ")
     assert text.endswith("; both at or below the best constant on CB")          # mnli_mm is not a trained task
-    report_cli.AT_CONSTANT["lora-mt-cb-k4"] = set()
-    assert "constant" not in report_cli.here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01)
+    at_constant["lora-mt-cb-k4"] = set()
+    assert "constant" not in here(summary, "more-cb-k4", "lora-mt-cb-k4", 0.01, at_constant)
+
+
+def test_the_committed_report_is_what_the_committed_result_files_give(tmp_path):
+    """docs/REPLICATION.md regenerated from the committed result files, analyses and bench run is the
+    committed file byte for byte: its p-values and t statistics (scipy.stats since the workbench left
+    mtlref/) print as they did when the file was written."""
+    need_extra("scipy")
+    need_extra("matplotlib")                                # without it the document says "not drawn"
+    text = report(ROOT / "experiments" / "results", ROOT / "experiments" / "analyses", tmp_path / "REPLICATION.md")
+    assert text == (ROOT / "docs" / "REPLICATION.md").read_text(encoding="utf-8")
 
 
 def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_reading(tmp_path):
     """From the committed few-shot result files (3 variants, CB k = 32): MoRE is compared with
     LoRA-MT at the same k as the paper's claim, the -t1 cells (|T| = 1) with MoRE's kept |T|,
     not as a claim; the numbers are the paired t of the files' averages."""
+    need_extra("scipy")                                  # the t distribution: the analysis extra
     src = ROOT / "experiments" / "results" / "fewshot"
     names = ["more-cb-k32", "lora-mt-cb-k32", "more-cb-k32-t1"]
     files = [f for n in names for f in sorted(src.glob(f"{n}__s*.json"))]
@@ -423,11 +432,11 @@ def test_the_few_shot_report_pairs_mores_cells_with_lora_mt_and_the_other_t_read
     for f in files:
         (tmp_path / "results" / "fewshot" / f.name).write_text(f.read_text())
     text = report(tmp_path / "results", tmp_path / "none", tmp_path / "REPLICATION.md")
-    s = G.summarise(G.load_results(tmp_path / "results"))
+    s = summarise(load_results(tmp_path / "results"))
     section = text.split("## Grid `fewshot`")[1]                       # not the summary above it
     claim = [line for line in section.splitlines() if line.startswith("- MoRE (Table 4)")]
     assert len(claim) == 1 and "`more-cb-k32` − `lora-mt-cb-k32`" in claim[0]
-    t = G.paired_t(s["more-cb-k32-t1"]["seeds"], s["more-cb-k32"]["seeds"])
+    t = paired_t(s["more-cb-k32-t1"]["seeds"], s["more-cb-k32"]["seeds"])
     assert f"- `more-cb-k32-t1` − `more-cb-k32`: {t['mean_diff']:+.4f}, t = {t['t']:.2f} (df {t['n'] - 1}" in text
 
 
@@ -435,6 +444,7 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     """Records for the real main.json's variants (synthetic numbers): each of its tables compares
     within itself, the papers' claims are checked within each table, and a difference
     on unequal seed sets is taken over the shared seeds, never as a difference of means."""
+    need_extra("scipy")                                  # the t distribution: the analysis extra
     def rec(variant, seed, avg, stsb=0.85):
         tasks = {"sst2": {"accuracy": avg}, "stsb": {"pearson": stsb, "spearman": stsb}}
         return {"grid": "main", "variant": variant, "seed": seed, "wall_s": 60.0, "threads": 1,
@@ -499,27 +509,26 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
 def test_the_claims_are_corrected_for_testing_several_and_a_task_no_variant_learned_is_named():
     """caveats(): Holm-Bonferroni over the claims that have a test, and CoLA named when every
     variant's mean MCC is within 0.1 of 0 (and not when one variant learned it)."""
+    need_extra("scipy")                                  # the t distribution: the analysis extra
     def var(seeds, cola):
         return {"seeds": seeds, "tasks": {"cola": (cola, 0.01), "sst2": (0.8, 0.01)}}
     summary = {"a": var({0: 0.70, 1: 0.72, 2: 0.71}, 0.05), "b": var({0: 0.60, 1: 0.63, 2: 0.61}, -0.02),
                "c": var({0: 0.70, 1: 0.60, 2: 0.71}, 0.09), "d": var({0: 0.7}, 0.0)}
     claims = [("a", "b", "p1"), ("c", "b", "p2"), ("d", "b", "p3")]    # d: one seed, no test
-    pa = G.paired_t(summary["a"]["seeds"], summary["b"]["seeds"])["p"]
-    report_cli = load_cli("report")
-    text = "\n".join(report_cli.caveats(summary, list(summary), claims))
+    pa = paired_t(summary["a"]["seeds"], summary["b"]["seeds"])["p"]
+    text = "\n".join(caveats(summary, list(summary), claims))
     assert "one or more of these 2 tests would still pass with probability 10%" in text
     assert f"keeps: `a` − `b` (p = {pa:.3f})." in text and "`c` − `b`" not in text
     assert "CoLA: every variant's mean MCC lies in [-0.0200, +0.0900]" in text
     summary["c"]["tasks"]["cola"] = (0.25, 0.01)
-    assert "CoLA" not in "\n".join(report_cli.caveats(summary, list(summary), claims))
+    assert "CoLA" not in "\n".join(caveats(summary, list(summary), claims))
 
 
 def test_tuning_table_names_exactly_the_flags_a_run_changed(tmp_path):
     """experiments/tuning.py: `keep` adds the seed, pooling and tasks of adapter_config.json to the
     metrics, and `changes` names only what differs from the default command: a run of the
     default settings shows no change, one with --head-lr, --tasks and --seed shows those three."""
-    T = load_cli("tuning")
-    base = T.default_settings()
+    base = tuning.default_settings()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     metrics = {"tasks": {"cola": {"mcc": 0.125}}, "average": 0.125, "wall_s": 177.0, "threads": 1,
@@ -527,14 +536,14 @@ def test_tuning_table_names_exactly_the_flags_a_run_changed(tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "adapter_config.json").write_text(json.dumps(
         {"seed": 0, "pooling": "mean", "task_names": ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]}))
-    default = json.loads(T.keep(run_dir, "d", tmp_path / "kept").read_text())
-    assert T.changes(default) == "–"
+    default = json.loads(tuning.keep(run_dir, "d", tmp_path / "kept").read_text())
+    assert tuning.changes(default) == "–"
     changed = dict(metrics, settings=dict(metrics["settings"], head_lr=0.0005))
     (run_dir / "metrics.json").write_text(json.dumps(changed))
     (run_dir / "adapter_config.json").write_text(json.dumps({"seed": 1, "pooling": "mean", "task_names": ["cola"]}))
-    kept = T.keep(run_dir, "c", tmp_path / "kept")
-    assert T.changes(json.loads(kept.read_text())) == "`--head-lr 0.0005` `--tasks cola` `--seed 1`"
-    row = T.table([kept]).splitlines()[-1]
+    kept = tuning.keep(run_dir, "c", tmp_path / "kept")
+    assert tuning.changes(json.loads(kept.read_text())) == "`--head-lr 0.0005` `--tasks cola` `--seed 1`"
+    row = tuning.table([kept]).splitlines()[-1]
     assert row == "| c | `--head-lr 0.0005` `--tasks cola` `--seed 1` | 0.1250 | 0.125 | – | – | 177 s (1 thread) |"
     with pytest.raises(SystemExit, match="metrics.json: not found"):
-        T.keep(tmp_path / "unfinished", "u", tmp_path / "kept")
+        tuning.keep(tmp_path / "unfinished", "u", tmp_path / "kept")

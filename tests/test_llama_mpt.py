@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mtlref.checkpoint import load_model
-from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, KVCache
+from mtlref.pretrained import load_model
+from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext
 from mtlref.models import llama, mpt
+from mtlref.models.attention import KVCache
 from conftest import need
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "fixtures"

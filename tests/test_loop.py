@@ -1,11 +1,12 @@
 """The training loop by value (mtlref/train.py): gradient accumulation, the warm-up + linear
 decay schedule, head_lr, gradient clipping, weight decay and betas against a hand-written
-AdamW; and the run settings that feed it (mtlref/run.py): epochs -> steps, the warm-up ratio,
+AdamW; and the run settings that feed it (mtlref/settings.py): epochs -> steps, the warm-up ratio,
 and the precedence preset < method < family < flag."""
 import argparse
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import FIXTURES, Spec, need
 from mtlref import attach_adapters, load_model
 from mtlref.heads import MultiTaskModel
 from mtlref.presets import PRESETS
-from mtlref.run import FLAG_KEYS, settings, step_budget
+from mtlref.settings import FLAG_KEYS, Settings, settings, step_budget
 from mtlref.train import LoopConfig, fit, linear_warmup_decay
 
 B, T = 3, 6                                   # micro-batch size and length
@@ -208,14 +209,14 @@ def flags(preset: str, method: str, option=(), **given) -> argparse.Namespace:
 def test_epochs_to_steps_and_warmup_ratio_by_hand():
     """steps = int(epochs · Σ n_t / (batch · accumulation)) (at least 1), warm-up = int(ratio · steps)
     unless warmup_steps is given (0 included); max_steps wins over epochs."""
-    s = {"epochs": 2.5, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.1, "warmup_steps": None}
+    s = Settings(lr=1.0, epochs=2.5, batch_size=8, grad_accum=2, warmup_ratio=0.1, warmup_steps=None)
     assert step_budget(s, {"a": 100, "b": 37}) == (21, 2)           # 2.5 · 137 / 16 = 21.4; 0.1 · 21 = 2.1
-    assert step_budget(dict(s, grad_accum=1), {"a": 100, "b": 37}) == (42, 4)   # 2.5 · 137 / 8 = 42.8
-    assert step_budget(dict(s, warmup_steps=0), {"a": 100, "b": 37}) == (21, 0)
-    assert step_budget(dict(s, warmup_steps=5), {"a": 100, "b": 37}) == (21, 5)
-    assert step_budget(dict(s, max_steps=50), {"a": 100, "b": 37}) == (50, 5)  # 0.1 · 50
-    assert step_budget(dict(s, epochs=1), {"a": 3}) == (1, 0)                  # less than one batch: 1 step
-    st = dict(s, epochs=1, task_epochs={"rte": 4})                              # LoRA-ST's per-task epochs
+    assert step_budget(replace(s, grad_accum=1), {"a": 100, "b": 37}) == (42, 4)   # 2.5 · 137 / 8 = 42.8
+    assert step_budget(replace(s, warmup_steps=0), {"a": 100, "b": 37}) == (21, 0)
+    assert step_budget(replace(s, warmup_steps=5), {"a": 100, "b": 37}) == (21, 5)
+    assert step_budget(replace(s, max_steps=50), {"a": 100, "b": 37}) == (50, 5)  # 0.1 · 50
+    assert step_budget(replace(s, epochs=1), {"a": 3}) == (1, 0)                  # less than one batch: 1 step
+    st = replace(s, epochs=1, task_epochs={"rte": 4})                              # LoRA-ST's per-task epochs
     assert step_budget(st, {"rte": 160}, "rte") == (40, 4) and step_budget(st, {"cola": 160}, "cola") == (10, 1)
 
 
@@ -226,6 +227,20 @@ def test_cpu_preset_warmup_ratio_becomes_warmup_steps():
     assert step_budget(settings(flags("cpu", "more", max_steps=250), "bert"), {"cola": 10}) == (250, 15)
 
 
+def test_settings_are_typed_and_record_what_was_given(monkeypatch):
+    """settings() returns a Settings: a preset key it does not know is an error naming it, and
+    as_dict (what metrics.json and the checkpoint record) holds every value given or defaulted and
+    none that nobody gave."""
+    monkeypatch.setitem(PRESETS, "typo", dict(lr=1.0, warmup_step=5, methods={}))
+    with pytest.raises(ValueError, match="preset typo: unknown setting 'warmup_step'"):
+        settings(flags("typo", "lora"), "bert")
+    s = settings(flags("cpu", "more", rank=4), "bert")
+    assert isinstance(s, Settings) and (s.rank, s.alpha, s.max_steps, s.head_lr) == (4, 8, 1000, 5e-3)
+    d = s.as_dict()
+    assert "warmup_steps" not in d and "task_epochs" not in d and "eval_every" not in d
+    assert d["warmup_ratio"] == 0.06 and d["alpha"] == 8 and d["options"] == {} and d["betas"] == (0.9, 0.999)
+
+
 def test_settings_precedence_preset_method_family_flag(monkeypatch):
     """Each key takes the value of the most specific level that gives it: preset < the preset's
     method < that method's family < the command line (flags and --option)."""
@@ -234,27 +249,27 @@ def test_settings_precedence_preset_method_family_flag(monkeypatch):
         methods={"mtl-lora": dict(lr=2.0, rank=6, options=dict(b=2, c=2),
                                   by_family={"mpt": dict(lr=3.0, options=dict(c=3))})}))
     s = settings(flags("layers", "mtl-lora"), "llama")
-    assert (s["lr"], s["rank"], s["alpha"], s["batch_size"], s["options"]) == (2.0, 6, 3, 4, dict(a=1, b=2, c=2))
+    assert (s.lr, s.rank, s.alpha, s.batch_size, s.options) == (2.0, 6, 3, 4, dict(a=1, b=2, c=2))
     s = settings(flags("layers", "mtl-lora"), "mpt")
-    assert (s["lr"], s["rank"], s["options"]) == (3.0, 6, dict(a=1, b=2, c=3))
+    assert (s.lr, s.rank, s.options) == (3.0, 6, dict(a=1, b=2, c=3))
     s = settings(flags("layers", "mtl-lora", option=["c=4", "a=x"], lr=4.0, batch_size=5), "mpt")
-    assert (s["lr"], s["rank"], s["batch_size"], s["options"]) == (4.0, 6, 5, dict(a="x", b=2, c=4))
+    assert (s.lr, s.rank, s.batch_size, s.options) == (4.0, 6, 5, dict(a="x", b=2, c=4))
     s = settings(flags("layers", "lora"), "mpt")                      # a method the preset does not name
-    assert (s["lr"], s["rank"], s["options"]) == (1.0, 2, dict(a=1, b=1, c=1))
-    assert settings(flags("layers", "lora", rank=5), "llama")["alpha"] == 3   # the preset's α, not 2 · rank
+    assert (s.lr, s.rank, s.options) == (1.0, 2, dict(a=1, b=1, c=1))
+    assert settings(flags("layers", "lora", rank=5), "llama").alpha == 3   # the preset's α, not 2 · rank
     monkeypatch.setitem(PRESETS, "layers", dict(lr=1.0, methods={}))
-    assert settings(flags("layers", "lora", rank=5), "llama")["alpha"] == 10   # no α anywhere: 2 · rank
+    assert settings(flags("layers", "lora", rank=5), "llama").alpha == 10   # no α anywhere: 2 · rank
 
 
 def test_a_flag_of_zero_or_false_still_overrides_the_preset():
     """more-glue sets weight decay 0.01, dropout 0.1, λ 0.1, eval every 1000 and warm-up 500:
     flags of 0 (and --option x=false) replace them; an absent flag (None) does not."""
     s = settings(flags("more-glue", "more"), "t5")
-    assert (s["weight_decay"], s["dropout"], s["lambda_con"], s["eval_every"], s["warmup_steps"]) == \
+    assert (s.weight_decay, s.dropout, s.lambda_con, s.eval_every, s.warmup_steps) == \
         (0.01, 0.1, 0.1, 1000, 500)
     s = settings(flags("more-glue", "more", option=["detach_h=false", "official=false"], weight_decay=0.0,
                        dropout=0.0, lambda_con=0.0, eval_every=0, warmup_steps=0, balance_weight=0.0), "t5")
-    assert (s["weight_decay"], s["dropout"], s["lambda_con"], s["eval_every"], s["warmup_steps"],
-            s["balance_weight"]) == (0.0, 0.0, 0.0, 0, 0, 0.0)
-    assert s["options"]["detach_h"] is False and s["options"]["official"] is False
+    assert (s.weight_decay, s.dropout, s.lambda_con, s.eval_every, s.warmup_steps,
+            s.balance_weight) == (0.0, 0.0, 0.0, 0, 0, 0.0)
+    assert s.options["detach_h"] is False and s.options["official"] is False
     assert step_budget(s, {"a": 64})[1] == 0                        # warm-up 0, not the preset's 500

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import FIXTURES, need
 from mtlref.adapters import (REGISTRY, adapters_of, attach_adapters, count_parameters, load_adapters,
                              merge_adapters, save_adapters)
-from mtlref.checkpoint import load_model, read_config
+from mtlref.pretrained import load_model, read_config
 from mtlref.layers import AdaptedLinear, ForwardContext, FusedLinear, RowBlock
 from mtlref.models import mpt
 

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, need
-from mtlref.checkpoint import load_model
-from mtlref.layers import RMSNorm, alibi_bias, alibi_slopes, rope_cos_sin, rope_inv_freq, rope_scaling, rope_theta
+from mtlref.pretrained import load_model
+from mtlref.layers import RMSNorm
 from mtlref.models import mpt
+from mtlref.models.attention import (alibi_bias, alibi_slopes, rope_cos_sin, rope_inv_freq, rope_scaling,
+                                     rope_theta)
 from mtlref.models.t5 import T5LayerNorm
 
 

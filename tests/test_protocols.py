@@ -2,7 +2,6 @@
 batches stay single-task through length grouping, T5 trains text-to-text (MoRE Eq. 9), LoRA-ST
 trains each task alone, and the run writes the reported step's adapters."""
 import argparse
-import importlib.util
 import json
 import math
 from collections import Counter
@@ -22,14 +21,11 @@ from mtlref.data.templates import t5_target
 from mtlref.heads import UNPARSED, Seq2SeqLM
 from mtlref.layers import ForwardContext
 from mtlref.presets import resolve_targets
-from mtlref.run import FLAG_KEYS, attach, make_evaluator, settings, step_budget
+from mtlref.evaluate import make_evaluator
+from mtlref.objective import attach
+from mtlref.settings import FLAG_KEYS, settings, step_budget
+from mtlref.commands import eval_main, train_main
 
-spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
-spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
-eval_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_cli)
 
 
 def flags(preset: str, method: str, single_task: bool = False, option=(), **given) -> argparse.Namespace:
@@ -40,37 +36,37 @@ def flags(preset: str, method: str, single_task: bool = False, option=(), **give
 # ----------------------------------------------------------------------------- presets
 def test_more_glue_is_more_section_5_1_and_appendix_a():
     s = settings(flags("more-glue", "more"), "t5")
-    assert (s["sampler"], s["batches"], s["split"]) == ("more", "single-task", "paper")
-    assert (s["lr"], s["warmup_steps"], s["epochs"], s["batch_size"], s["max_length"]) == (3e-4, 500, 5, 32, 128)
-    assert (s["lambda_con"], s["options"]["tau"], s["options"]["task_dim"]) == (0.1, 0.05, 768)
-    assert (s["alpha"], s["dropout"], s["weight_decay"], s["eval_every"]) == (32, 0.1, 0.01, 1000)   # official code
-    assert resolve_targets(s["targets"], "t5") == ["q", "k", "v", "o", "wi", "wo"]
-    assert settings(flags("more-glue", "multilora"), "t5")["options"]["num_loras"] == 4
+    assert (s.sampler, s.batches, s.split) == ("more", "single-task", "paper")
+    assert (s.lr, s.warmup_steps, s.epochs, s.batch_size, s.max_length) == (3e-4, 500, 5, 32, 128)
+    assert (s.lambda_con, s.options["tau"], s.options["task_dim"]) == (0.1, 0.05, 768)
+    assert (s.alpha, s.dropout, s.weight_decay, s.eval_every) == (32, 0.1, 0.01, 1000)   # official code
+    assert resolve_targets(s.targets, "t5") == ["q", "k", "v", "o", "wi", "wo"]
+    assert settings(flags("more-glue", "multilora"), "t5").options["num_loras"] == 4
 
 
 def test_mtl_lora_glue_per_method_and_per_family_values():
     s = settings(flags("mtl-lora-glue", "mtl-lora"), "llama")
-    assert (s["rank"], s["lr"], s["options"]["num_up"], s["options"]["tau"], s["batch_size"]) == (8, 2e-4, 3, 0.1, 8)
-    assert settings(flags("mtl-lora-glue", "mtl-lora"), "mpt")["options"]["tau"] == 0.5          # A.1: MPT τ 0.5
-    assert resolve_targets(s["targets"], "mpt") == ["Wqkv.q", "Wqkv.k", "Wqkv.v", "out_proj"]
+    assert (s.rank, s.lr, s.options["num_up"], s.options["tau"], s.batch_size) == (8, 2e-4, 3, 0.1, 8)
+    assert settings(flags("mtl-lora-glue", "mtl-lora"), "mpt").options["tau"] == 0.5          # A.1: MPT τ 0.5
+    assert resolve_targets(s.targets, "mpt") == ["Wqkv.q", "Wqkv.k", "Wqkv.v", "out_proj"]
     st = settings(flags("mtl-lora-glue", "lora", single_task=True), "llama")
-    assert (st["rank"], st["lr"], st["task_epochs"]) == (8, 4e-4, {"rte": 10, "mrpc": 5})
-    assert settings(flags("mtl-lora-glue", "lora"), "llama")["rank"] == 16                         # LoRA-MT
+    assert (st.rank, st.lr, st.task_epochs) == (8, 4e-4, {"rte": 10, "mrpc": 5})
+    assert settings(flags("mtl-lora-glue", "lora"), "llama").rank == 16                         # LoRA-MT
 
 
 def test_commonsense_lora_and_dora_are_the_dora_papers():
     lora = settings(flags("mtl-lora-commonsense", "lora"), "llama")
     dora = settings(flags("mtl-lora-commonsense", "dora"), "llama")
     for s, rank in ((lora, 32), (dora, 16)):
-        assert (s["rank"], s["alpha"], s["dropout"], s["batch_size"], s["warmup_steps"]) == (rank, 2 * rank, 0.05, 16, 100)
-        assert s["targets"] == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    assert settings(flags("mtl-lora-commonsense", "mtl-lora"), "llama")["options"]["tau"] == 0.8     # Table 7
+        assert (s.rank, s.alpha, s.dropout, s.batch_size, s.warmup_steps) == (rank, 2 * rank, 0.05, 16, 100)
+        assert s.targets == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert settings(flags("mtl-lora-commonsense", "mtl-lora"), "llama").options["tau"] == 0.8     # Table 7
 
 
 def test_flags_override_the_preset_and_options_add_to_it():
     s = settings(flags("more-glue", "more", option=["tau=0.2", "official=true"], lr=1e-3, batches="mixed"), "t5")
-    assert (s["lr"], s["batches"], s["options"]["tau"], s["options"]["official"]) == (1e-3, "mixed", 0.2, True)
-    assert s["options"]["task_dim"] == 768                     # the preset's other options stay
+    assert (s.lr, s.batches, s.options["tau"], s.options["official"]) == (1e-3, "mixed", 0.2, True)
+    assert s.options["task_dim"] == 768                     # the preset's other options stay
     with pytest.raises(ValueError, match="KEY=VALUE"):
         settings(flags("cpu", "more", option=["tau"]), "bert")
 
@@ -216,7 +212,7 @@ def test_more_glue_on_a_t5_with_the_real_vocabulary(t5_real_vocab, tmp_path, cap
     lora_B has moved; eval.py reprints the same numbers."""
     need(DATA / "glue")
     out = tmp_path / "run"
-    m = train_cli.main(["--method", "more", "--preset", "more-glue", "--model", str(t5_real_vocab),
+    m = train_main(["--method", "more", "--preset", "more-glue", "--model", str(t5_real_vocab),
                         "--data-dir", str(DATA), "--max-steps", "6", "--eval-every", "3", "--batch-size", "8",
                         "--max-eval-examples", "12", "--eval-batch-size", "16", "--out", str(out)])
     assert (m["split"], m["objective"]) == ("test", "gen")
@@ -237,7 +233,7 @@ def test_more_glue_on_a_t5_with_the_real_vocabulary(t5_real_vocab, tmp_path, cap
     assert len(bs) == 2 * 6 + 2 * 10 and all(bool(b.abs().sum() > 0) for b in bs)
     assert any(k.startswith("decoder.") and "EncDecAttention" in k for k in weights)   # cross-attention trains
     capsys.readouterr()
-    again = eval_cli.main(["--checkpoint", str(out)])
+    again = eval_main(["--checkpoint", str(out)])
     assert again["tasks"] == m["tasks"] and again["average"] == m["average"]
 
 
@@ -247,10 +243,10 @@ def test_lora_st_trains_each_task_alone(tiny_bert, tiny_tasks, tmp_path):
     seed (so training one task moves nothing of another), stacked into one per-task LoRA."""
     common = ["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--batch-size", "4",
               "--max-length", "16", "--max-steps", "3", "--method", "lora", "--seed", "5", "--lr", "5e-3"]
-    st = train_cli.main(common + ["--single-task", "--out", str(tmp_path / "st")])
+    st = train_main(common + ["--single-task", "--out", str(tmp_path / "st")])
     stacked = load_file(str(tmp_path / "st" / "adapter.safetensors"))
     for i, task in enumerate(["sentiment", "pair"]):
-        alone = train_cli.main(common + ["--tasks", task, "--out", str(tmp_path / task)])
+        alone = train_main(common + ["--tasks", task, "--out", str(tmp_path / task)])
         single = load_file(str(tmp_path / task / "adapter.safetensors"))
         for k, v in single.items():
             if k.startswith("heads."):
@@ -260,11 +256,11 @@ def test_lora_st_trains_each_task_alone(tiny_bert, tiny_tasks, tmp_path):
         assert st["steps"][task] == alone["steps"] == 3
     assert not torch.equal(stacked["encoder.layer.0.attention.self.query.adapter.lora_B"][0],
                            stacked["encoder.layer.0.attention.self.query.adapter.lora_B"][1])
-    again = eval_cli.main(["--checkpoint", str(tmp_path / "st")])
+    again = eval_main(["--checkpoint", str(tmp_path / "st")])
     assert again["tasks"] == st["tasks"]
     # --resume once every task has finished: each is loaded, not trained again, and its wall time is
     # counted as the earlier processes' (a resumed grid cell sums both)
-    resumed = train_cli.main(common + ["--single-task", "--resume", "--out", str(tmp_path / "st")])
+    resumed = train_main(common + ["--single-task", "--resume", "--out", str(tmp_path / "st")])
     tasks_wall = sum(json.loads((tmp_path / "st" / "tasks" / t / "metrics.json").read_text())["wall_s"]
                      for t in ("sentiment", "pair"))
     assert resumed["tasks"] == st["tasks"] and st["wall_s_before_resume"] == 0
@@ -279,8 +275,8 @@ def test_eq10_lambda_and_the_balance_weight_reach_the_loop(tiny_bert, tiny_tasks
         model, batches, cfg, **kw))[1])
     base = ["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--batch-size", "4",
             "--max-length", "16", "--max-steps", "1"]
-    train_cli.main(base + ["--method", "more", "--out", str(tmp_path / "a")])
-    train_cli.main(base + ["--method", "mixlora", "--lambda-con", "0.3", "--balance-weight", "0.002",
+    train_main(base + ["--method", "more", "--out", str(tmp_path / "a")])
+    train_main(base + ["--method", "mixlora", "--lambda-con", "0.3", "--balance-weight", "0.002",
                            "--out", str(tmp_path / "b")])
     assert seen[0].aux_weights == {"more_contrastive": 0.1, "mixlora_balance": 0.01}    # MoRE §5.1, MixLoRA
     assert seen[1].aux_weights == {"more_contrastive": 0.3, "mixlora_balance": 0.002}
@@ -291,7 +287,7 @@ def test_eq10_lambda_and_the_balance_weight_reach_the_loop(tiny_bert, tiny_tasks
 def test_every_tensor_counted_as_trainable_gets_a_gradient(t5_real_vocab, options, objective):
     """What metrics.json counts as trainable is what trains: T5 text-to-text adapts both stacks,
     T5 heads only the encoder, MoRE's official mode freezes its gate."""
-    from mtlref.run import build_model
+    from mtlref.objective import build_model
     from mtlref.train import LoopConfig, train_step
     model = load_model(t5_real_vocab)
     tok = load_tokenizer(t5_real_vocab)
@@ -341,9 +337,9 @@ def test_the_clis_shorten_openmps_spin_before_torch_starts():
 
 
 def test_a_run_records_its_threads_precision_and_device(tiny_bert, tiny_tasks, tmp_path):
-    m = train_cli.main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--max-steps", "1",
+    m = train_main(["--bench", "jsonl", "--jsonl", str(tiny_tasks), "--model", str(tiny_bert), "--max-steps", "1",
                         "--batch-size", "4", "--max-length", "16", "--out", str(tmp_path / "r")])
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["threads"] == m["threads"] == torch.get_num_threads()
-    assert saved["openmp"]["GOMP_SPINCOUNT"] == __import__("os").environ["GOMP_SPINCOUNT"]
+    assert saved["openmp"]["GOMP_SPINCOUNT"] == __import__("os").environ.get("GOMP_SPINCOUNT")   # as the run found it
     assert (saved["precision"], saved["device"]) == ("auto", "cpu")             # what the arithmetic ran in

@@ -1,6 +1,6 @@
 """Few-shot transfer (MoRE §5.1, Table 4): adapters started from a saved run, each new task's
 per-task tensors taken from the saved task it resembles (init_adapters_from), and k-shot training
-sets (run.k_shot); end to end through train.py --init-from / --task-init / --train-examples."""
+sets (data.loading.k_shot); end to end through train.py --init-from / --task-init / --train-examples."""
 import json
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from conftest import FIXTURES, ROOT, need
 from mtlref import attach_adapters, load_model
 from mtlref.adapters import adapters_of, init_adapters_from, save_adapters, transfer_options
 from mtlref.layers import ForwardContext
-from mtlref.run import k_shot
+from mtlref.data.loading import k_shot
 
 PER_TASK = {"more": {"task_embedding"}, "mtl-lora": {"task_lambda", "task_weights"}, "moelora": {"task_embedding"},
             "lora": set(), "multilora": set()}

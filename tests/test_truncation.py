@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES, SHARED, need
 from mtlref import load_tokenizer
 from mtlref.data.collate import Encoder
-from mtlref.data.tasks import Example
+from mtlref.data.readers import Example
 from mtlref.data.templates import render, t5_input
 
 TOKENIZERS = SHARED / "weights" / "tokenizers"

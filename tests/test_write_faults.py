@@ -18,7 +18,6 @@ file-size limit (RLIMIT_FSIZE): there the kernel itself fails the write.
 import builtins
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import pathlib
@@ -35,22 +34,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import mtlref.adapters
+import mtlref.adapters.io
 import mtlref.checkpointing
 import mtlref.export
 from conftest import ROOT
-from mtlref.adapters import WriteError, write_atomic
 from mtlref.checkpointing import read_checkpoint
+from mtlref.commands import eval_main, export_main, train_main
+from mtlref.files import WriteError, write_atomic
 
 
-def load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cli, eval_cli, export_cli = load_cli("train"), load_cli("eval"), load_cli("export")
 
 KINDS = ("torn", "full")
 CAUSE = {"torn": "[Errno 5] Input/output error", "full": "[Errno 28] No space left on device"}
@@ -117,7 +109,7 @@ class TornAppend:
 @contextlib.contextmanager
 def inject(fault: Fault):
     """Route every writer mtlref uses through `fault`."""
-    real_save = mtlref.adapters.save_file
+    real_save = mtlref.adapters.io.save_file
     real_write_text, real_copyfile, real_open = pathlib.Path.write_text, shutil.copyfile, builtins.open
 
     def save_file(tensors, filename, metadata=None):
@@ -147,7 +139,7 @@ def inject(fault: Fault):
         return TornAppend(f, fault, file) if is_log and "a" in mode else f
 
     with contextlib.ExitStack() as stack:
-        for module in (mtlref.adapters, mtlref.checkpointing, mtlref.export):
+        for module in (mtlref.adapters.io, mtlref.checkpointing, mtlref.export):
             stack.enter_context(mock.patch.object(module, "save_file", save_file))
         stack.enter_context(mock.patch.object(pathlib.Path, "write_text", write_text))
         stack.enter_context(mock.patch.object(shutil, "copyfile", copyfile))
@@ -199,7 +191,7 @@ def flags(tiny_bert, tiny_tasks, out) -> list[str]:
 def whole(tiny_bert, tiny_tasks, tmp_path_factory) -> Path:
     """The uninterrupted run: its adapters are what every resumed run must end with."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    train_cli.main(flags(tiny_bert, tiny_tasks, out))
+    train_main(flags(tiny_bert, tiny_tasks, out))
     return out
 
 
@@ -230,7 +222,7 @@ def test_write_atomic_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, 
     else:
         def write(target):
             tensors = {"w": torch.arange(1000.0)}
-            write_atomic(target, lambda tmp: mtlref.adapters.save_file(tensors, tmp, metadata={"format": "pt"}))
+            write_atomic(target, lambda tmp: mtlref.adapters.io.save_file(tensors, tmp, metadata={"format": "pt"}))
     with inject(Fault(name, kind)) as fault, pytest.raises(WriteError) as e:
         write(path)                                         # no previous file: none is left
     assert str(e.value) == (f"could not write {path}: {CAUSE[kind]}; no partial file was left; "
@@ -257,14 +249,14 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_resume_ends_as_the_wh
     out = tmp_path / "run"
     argv = flags(tiny_bert, tiny_tasks, out)
     with inject(Fault("state.safetensors", kind, nth=2)) as fault:
-        line = fails(capsys, train_cli.main, argv)
+        line = fails(capsys, train_main, argv)
     check_kept(fault, line, "the previous {name} is intact (--resume continues from it)")
     assert fault.hit == out / "checkpoint" / "state.safetensors"
     assert temporaries(out) == []
     assert read_checkpoint(out / "checkpoint")[0]["step"] == 5
     assert not (out / "adapter.safetensors").exists() and not (out / "metrics.json").exists()
 
-    resumed = train_cli.main([*argv, "--resume"])
+    resumed = train_main([*argv, "--resume"])
     assert "resumed from" in capsys.readouterr().out
     assert resumed["wall_s_before_resume"] > 0
     same_adapters(whole, out)
@@ -286,14 +278,14 @@ def test_a_failed_result_write_keeps_every_earlier_result_file(capsys, tiny_bert
     earlier = files(out)
     argv = [*flags(tiny_bert, tiny_tasks, out), "--resume"]
     with inject(Fault(name, kind, nth)) as fault:
-        line = fails(capsys, train_cli.main, argv)
+        line = fails(capsys, train_main, argv)
     check_kept(fault, line)
     assert fault.hit == out / where / name
     assert files(out) == earlier and temporaries(out) == []
     json.loads((out / "metrics.json").read_text())
     load_file(str(out / "adapter.safetensors"))
 
-    train_cli.main(argv)
+    train_main(argv)
     same_adapters(whole, out)
 
 
@@ -304,12 +296,12 @@ def test_a_failed_log_append_leaves_no_torn_line(capsys, tiny_bert, tiny_tasks, 
     out = tmp_path / "run"
     argv = flags(tiny_bert, tiny_tasks, out)
     with inject(Fault("log.jsonl", kind, nth=2)) as fault:
-        line = fails(capsys, train_cli.main, argv)
+        line = fails(capsys, train_main, argv)
     check_kept(fault, line, "its earlier lines are intact")
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [10]
     assert read_checkpoint(out / "checkpoint")[0]["step"] == 15 and temporaries(out) == []
 
-    train_cli.main([*argv, "--resume"])
+    train_main([*argv, "--resume"])
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 20 and "eval" in records[-1]
     same_adapters(whole, out)
@@ -319,11 +311,11 @@ def test_a_failed_log_append_leaves_no_torn_line(capsys, tiny_bert, tiny_tasks, 
 def test_a_failed_evaluation_write_keeps_the_earlier_results(capsys, tmp_path, whole, kind):
     out = tmp_path / "run"
     shutil.copytree(whole, out)
-    eval_cli.main(["--checkpoint", str(out), "--batch-size", "8"])
+    eval_main(["--checkpoint", str(out), "--batch-size", "8"])
     earlier = files(out)
     assert "eval-default.json" in earlier
     with inject(Fault("eval-default.json", kind)) as fault:
-        line = fails(capsys, eval_cli.main, ["--checkpoint", str(out), "--batch-size", "8"])
+        line = fails(capsys, eval_main, ["--checkpoint", str(out), "--batch-size", "8"])
     check_kept(fault, line)
     assert files(out) == earlier and temporaries(out) == []
 
@@ -338,11 +330,11 @@ def test_a_failed_export_write_keeps_the_earlier_export(capsys, tmp_path, whole,
     out = tmp_path / "export"
     argv = ["--checkpoint", str(whole), "--task", "pair", "--format", form, "--out", str(out),
             "--max-shard-gb", str(20_000 / 2 ** 30)]
-    export_cli.main(argv)
+    export_main(argv)
     earlier = files(out)
     assert name in earlier
     with inject(Fault(name, kind)) as fault:
-        line = fails(capsys, export_cli.main, argv)
+        line = fails(capsys, export_main, argv)
     check_kept(fault, line)
     assert files(out) == earlier and temporaries(out) == []
 

@@ -28,6 +28,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 
 class DoRA(Adapter):
     method = "dora"
+    format_1_options = {}
     zero_init = ()
     exact_zero_init = False
 
@@ -61,6 +62,10 @@ class DoRA(Adapter):
         """A and s·B: with the magnitude m, W' = m ⊙ (W + (sB) A) / ‖W + (sB) A‖_c, as peft's DoRA."""
         self.check_task(task_id)
         return self.lora_A, self.scaling * self.lora_B
+
+    def lora_entry(self, task_id: int, base: AdaptedLinear) -> dict[str, torch.Tensor]:
+        """A, s·B and the magnitude m [out] (peft's lora_magnitude_vector)."""
+        return {**super().lora_entry(task_id, base), "magnitude": self.magnitude.detach().float().clone()}
 
     def delta_weight(self, task_id: int, base: AdaptedLinear) -> torch.Tensor:
         self.check_task(task_id)

@@ -18,6 +18,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 class LoRA(Adapter):
     method = "lora"
     options = {"per_task": False}
+    format_1_options = {"per_task": False}
     zero_init = ("lora_B",)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float,

@@ -8,8 +8,9 @@ code: MixLoRA's "router_init_range": 0.02, the std):
 (the softmax of the k kept logits; equal to the full softmax renormalised over the top k)
     FFN(x) = Σ_k w_k FFN_{e_k}(x)
 Attention targets get a plain LoRA (adapters.lora.LoRA); this class plugs into the block's
-`layers.FeedForward` slot and returns the whole FFN output. Not mergeable: the experts
-change per token.
+`layers.FeedForward` slot (slot = "ffn") and returns the whole FFN output, as FeedForward calls
+it: forward(x, ctx, ffn), not the projection slots' ΔY. Not mergeable and not exportable as a
+LoRA: the experts change per token (export --attention-only leaves them out).
 Why it can be fast: the shared base gate/up projections run ONCE per token; each of the k
 selected experts only adds its low-rank delta, act is applied per (token, slot), and since
 the down projection is linear, the base down runs ONCE on the routing-weighted sum of hidden
@@ -31,10 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.adapters.base import lora_a_init
+from mtlref.adapters.base import ROLES, Adapter, lora_a_init
+from mtlref.adapters.lora import LoRA
 from mtlref.layers import FeedForward, ForwardContext
-
-ROLES = ("gate", "up", "down")
 
 
 class ExpertLoRA(nn.Module):
@@ -54,18 +54,21 @@ class ExpertLoRA(nn.Module):
         return torch.einsum("...er,eor->...o", z, self.lora_B)
 
 
-class MixLoRA(nn.Module):
+class MixLoRA(Adapter):
     method = "mixlora"
     options = {"num_experts": 8, "top_k": 2}
+    format_1_options = {"num_experts": 8, "top_k": 2}
     zero_init = ("lora_B",)
     exact_zero_init = True
     mergeable = False
     task_specific = False
     slot = "ffn"                                   # attaches to layers.FeedForward, not AdaptedLinear
+    other_targets = LoRA                           # what the targets outside the FFN blocks get
+    export_refusal = ("mixlora routes every token to its own FFN experts, which no LoRA can write; pass "
+                      "--attention-only to export its attention LoRAs without the experts")
 
     def __init__(self, ffn: FeedForward, roles: tuple[str, ...], num_tasks: int, rank: int, alpha: float,
                  dropout: float = 0.0, num_experts: int = 8, top_k: int = 2):
-        super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"mixlora: need 1 <= top_k <= num_experts, got top_k={top_k}, "
                              f"num_experts={num_experts}")
@@ -74,15 +77,19 @@ class MixLoRA(nn.Module):
         if any(r not in ROLES or parts[r] is None for r in roles) or not roles:
             raise ValueError(f"mixlora: targeted FFN roles {roles} must be a non-empty subset of the "
                              f"block's projections {[r for r in ROLES if parts[r] is not None]}")
+        super().__init__(ffn, num_tasks, rank, alpha, dropout)
         dev = up.weight.device
-        self.num_tasks, self.rank, self.alpha = num_tasks, rank, float(alpha)
-        self.scaling = self.alpha / rank
         self.num_experts, self.top_k, self.roles = num_experts, top_k, tuple(roles)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = nn.Linear(up.in_features, num_experts, bias=False, device=dev, dtype=torch.float32)
         nn.init.normal_(self.router.weight, mean=0.0, std=0.02)             # official code: router_init_range
         self.experts = nn.ModuleDict({r: ExpertLoRA(num_experts, rank, parts[r].in_features,
                                                     parts[r].out_features, dev) for r in self.roles})
+
+    @staticmethod
+    def features(ffn: FeedForward) -> tuple[int, int]:
+        """(d_model, d_model): the FFN block's input and output width."""
+        _, up, down, _ = ffn.parts()
+        return up.in_features, down.out_features
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, ffn: FeedForward) -> torch.Tensor:
         gate, up, down, act = ffn.parts()

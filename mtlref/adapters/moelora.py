@@ -24,6 +24,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 class MoELoRA(Adapter):
     method = "moelora"
     options = {"num_experts": 8, "task_dim": 64}
+    format_1_options = {"num_experts": 8, "task_dim": 64}
     zero_init = ("lora_B",)
     task_specific = True
     task_tensors = ("task_embedding",)

@@ -18,7 +18,7 @@ module's input over the sample's real tokens (ctx.pooled), projected to h when h
 task_dim), and sim = cos(h_i, e_k). The printed Eq. 8 is a mean log-likelihood; we minimise
 its negative, L_con = -(1/N) Σ_i log softmax_k(sim(h_i, e_k)/τ)[t_i], as "more_contrastive".
 (Official code: e_t is compared with the un-detached module input at token 0, x[:, 0, :],
-with h = in_features; see official.)
+with h = in_features; see more_official.py.)
 h_i is detached by default (detach_h=True): §4.3 brings in L_con because "there is no
 supervised signal for task embedding learning", so it trains e_t (and through e_t the gate),
 not the layers that produced x. With detach_h=False the loss also pulls every adapted
@@ -61,23 +61,9 @@ Options (defaults give the equations above, bit for bit):
                      needed. There is no per-task ΔW: rank_map() returns an empty LongTensor
                      (what save_adapters/load_adapters store and compare) and delta_weight
                      raises TypeError, so merge_adapters refuses with that message.
-  official=False     True: the official code's mode (NLPfreshman0/MoRE,
-                     peft/tuners/lora/layer.py), to put paper and official numbers side by side:
-                     - official code: the task -> rank map is fixed at the first forward, before
-                       any update; we fix it at construction (the same map: nothing has moved
-                       yet), r_t = argmax softmax(W_g e_t + b_g) + 1, in the persistent buffer
-                       rank_table [T] (saved and loaded); the gate never trains
-                       (requires_grad=False, not counted as trainable);
-                     - official code: no STE coefficient, and instead of r_t/|T| each rank
-                       column j = 1..r_t is scaled by (j/r)² (it multiplies A's row j and B's
-                       column j each by j/8, r = 8): ΔY = s Σ_{j<=r_t} (j/r)² B[:, j] A[j] x;
-                     - official code: Eq. 8 on the module input at token 0, x[:, 0, :], not
-                       detached, not pooled, cos with every e_k over τ, cross-entropy with the
-                       sample's task; h = in_features;
-                     - official code init: e_t ~ N(0, 0.01²), gate weight Kaiming-uniform
-                       (mode='fan_in', nonlinearity='relu'), gate bias nn.Linear's default.
-                     selection, task_embedding, task_dim, linear_scaling and detach_h are fixed
-                     by this mode: passing another value is an error.
+  official=False     True: the official code's mode (NLPfreshman0/MoRE): rank map fixed at
+                     init, (j/r)² column scaling, token-0 contrastive input, h = in_features,
+                     its init, and on T5 the encoder's L_con only; see more_official.py.
 """
 from __future__ import annotations
 
@@ -87,6 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtlref.adapters import more_official
 from mtlref.adapters.base import Adapter, gather, lora_a_init, per_sample
 from mtlref.layers import AdaptedLinear, ForwardContext
 
@@ -97,9 +84,14 @@ class MoRE(Adapter):
     method = "more"
     options = {"task_dim": None, "contrastive": None, "tau": 0.05, "linear_scaling": True, "scale_tasks": None,
                "detach_h": True, "selection": "ste", "task_embedding": True, "official": False}
+    format_1_options = {"task_dim": None, "contrastive": True, "tau": 0.05, "linear_scaling": True,
+                        "detach_h": True, "selection": "ste", "task_embedding": True, "official": False}
+    format_2_added = {"scale_tasks": None}                   # format 3; None = |T| of that run, as trained
     zero_init = ("lora_B",)
     task_specific = True
     task_tensors = ("task_embedding", "rank_table")          # rank_table: official mode, once fixed
+    transfer_free = ("scale_tasks",)                         # see transfer_options
+    records = {"rank_maps": "MoRE rank map"}                 # see saved_values
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
                  task_dim: int | None = None, contrastive: bool | None = None, tau: float = 0.05,
@@ -113,14 +105,9 @@ class MoRE(Adapter):
         if contrastive and not task_embedding:
             raise ValueError("more: the contrastive loss (Eq. 8) compares samples with the task embeddings e_t, "
                              "which task_embedding=False removes; drop contrastive=True")
-        fixed = {"selection": (selection, "ste"), "task_embedding": (task_embedding, True),
-                 "task_dim": (self.task_dim, self.in_features), "linear_scaling": (linear_scaling, True),
-                 "detach_h": (detach_h, True)}
-        clash = [f"{k}={v!r}" for k, (v, want) in fixed.items() if v != want]
-        if official and clash:
-            raise ValueError(f"more: official=True is the official code's mode, which fixes {', '.join(clash)} "
-                             "(rank map fixed at init, (j/r)² column scaling, token-0 contrastive input, "
-                             "h = in_features); drop those options or official=True")
+        if official:
+            more_official.check_options(self.in_features, selection=selection, task_embedding=task_embedding,
+                                        task_dim=self.task_dim, linear_scaling=linear_scaling, detach_h=detach_h)
         self.use_embedding, self.official = bool(task_embedding), bool(official)
         self.contrastive = self.use_embedding if contrastive is None else bool(contrastive)
         self.tau, self.linear_scaling, self.detach_h = float(tau), bool(linear_scaling), bool(detach_h)
@@ -138,7 +125,7 @@ class MoRE(Adapter):
         else:
             self.task_embedding = nn.Parameter(torch.empty(num_tasks, self.task_dim, device=dev))
             if self.official:
-                nn.init.normal_(self.task_embedding, 0.0, 0.01)                # official code
+                more_official.init_task_embedding(self.task_embedding)
             else:
                 nn.init.kaiming_uniform_(self.task_embedding, a=math.sqrt(5))   # §4.1
         self.gate = nn.Linear(self.task_dim, rank, bias=True, device=dev, dtype=torch.float32)
@@ -147,13 +134,8 @@ class MoRE(Adapter):
                                  / math.sqrt(self.task_dim))
         else:
             self.register_buffer("proj", None)
-        if self.official:
-            nn.init.kaiming_uniform_(self.gate.weight, mode="fan_in", nonlinearity="relu")   # official code
-            self.gate.requires_grad_(False)                                 # official code: never trains
-            if not self.contrastive:                                        # nor e_t then: only L_con moves it
-                self.task_embedding.requires_grad_(False)
-            with torch.no_grad():                                           # the map of the first forward
-                self.register_buffer("rank_table", self.probs().argmax(dim=-1) + 1)   # (T,) r_t
+        if self.official:                                                   # gate frozen, r_t fixed now
+            more_official.fix_rank_map(self)
 
     def represent(self, v: torch.Tensor) -> torch.Tensor:
         """A pooled module input (N, in) in the space of e_t: (N, h), R v when h != in."""
@@ -206,9 +188,7 @@ class MoRE(Adapter):
     def rank_columns(self) -> torch.Tensor:
         """Per task, the weight of each rank column (T, r)."""
         if self.official:                                                    # s (j/r)² on j <= r_t, no STE
-            j = torch.arange(1, self.rank + 1, device=self.lora_A.device, dtype=self.lora_A.dtype)
-            prefix = (j <= self.rank_table[:, None]).to(j.dtype)
-            return prefix * ((j / self.rank) ** 2 * self.scaling)
+            return more_official.rank_columns(self)
         return self.column_weights(self.probs())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: ForwardContext, base: AdaptedLinear) -> torch.Tensor:
@@ -222,7 +202,7 @@ class MoRE(Adapter):
         z = z * per_sample(cols, z)                                          # weight (or drop) each column
         if self.contrastive and self.training and ctx.aux_losses is not None:
             if self.official:                                                # token 0, un-detached
-                h = xf.reshape(xf.shape[0], -1, xf.shape[-1])[:, 0]
+                h = more_official.contrastive_input(xf)
             else:
                 h = ctx.pooled(xf)
                 h = self.represent(h.detach() if self.detach_h else h)
@@ -252,6 +232,25 @@ class MoRE(Adapter):
         if not bool(keep.any()):                                             # an empty subset: ΔW = 0
             keep = torch.arange(self.rank, device=cols.device) == 0
         return self.lora_A[keep], (self.lora_B * cols)[:, keep]
+
+    def saved_values(self) -> dict:
+        """adapter_config.json records each module's task -> rank map (rank_map())."""
+        return {"rank_maps": self.rank_map().tolist()}
+
+    @classmethod
+    def transfer_options(cls, options: dict, saved: dict) -> dict:
+        """A run started from saved adapters keeps the saved run's |T| in Eq. 6 unless scale_tasks
+        is given, so each new task starts as exactly the function of the saved task it is
+        initialised from (see scale_tasks)."""
+        if options.get("scale_tasks") is not None:
+            return dict(options)
+        kept = saved["options"].get("scale_tasks")
+        return {**options, "scale_tasks": saved["num_tasks"] if kept is None else kept}
+
+    def configure_for(self, family: str, objective: str, name: str) -> None:
+        """The official mode on T5 adds the encoder's L_con only (more_official.configure_for)."""
+        if self.official:
+            more_official.configure_for(self, family, objective, name)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", task_dim={self.task_dim}, tau={self.tau:g}, "

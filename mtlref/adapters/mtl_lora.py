@@ -37,6 +37,7 @@ WEIGHTS_INITS = ("normal", "uniform", "kaiming")
 class MTLLoRA(Adapter):
     method = "mtl-lora"
     options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
+    format_1_options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
     zero_init = ("lora_B",)
     task_specific = True
     task_tensors = ("task_lambda", "task_weights")

@@ -31,6 +31,7 @@ from mtlref.layers import AdaptedLinear, ForwardContext
 class MultiLoRA(Adapter):
     method = "multilora"
     options = {"num_loras": 3}
+    format_1_options = {"num_loras": 3}
     zero_init = ("lora_scale",)
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float,

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from mtlref.data.tasks import Example
+from mtlref.data.readers import Example
 
 PROTOCOLS = ("dev", "paper")
 DEV_HALVED = ("cola", "mrpc", "stsb", "rte")        # fewer than 10,000 training examples

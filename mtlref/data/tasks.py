@@ -19,10 +19,10 @@ test file exists, and "dev_mismatched" for mnli.
 Labels: classification -> int id into TaskSpec.labels; regression -> float; generation -> the
 answer string (LLM-Adapters `answer`); a row of an unlabelled test file -> None.
 Users' own tasks come from one jsonl file: load_jsonl_tasks.
+The readers that parse each kind of file, and Example, are in mtlref/data/readers.py.
 """
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -30,20 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtlref.data.readers import READERS, Example, parse_label, read_jsonl_rows
 from mtlref.metrics import COMMONSENSE_TASKS, GLUE_TASKS, TASK_METRICS
-
-
-@dataclass(frozen=True)
-class Example:
-    """One input of one task. text_pair is None for single-sentence tasks; source is "file:line"
-    (json lists: "file[i]") for error messages; target is the response a generator is trained
-    on (LLM-Adapters `output`), None for classification and regression."""
-    task: str
-    text: str
-    text_pair: str | None
-    label: int | float | str | None
-    source: str
-    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,107 +170,7 @@ def extract_answer(task: str, generated: str) -> str:
     return match.group(0) if match else ""
 
 
-# ----------------------------------------------------------------------------- readers
-def _label(spec: TaskSpec, raw, where: str) -> int | float:
-    f = spec.fields
-    if spec.kind == "regression":
-        try:
-            value = float(raw) if not isinstance(raw, bool) else None
-        except (TypeError, ValueError):
-            value = None
-        lo, hi = f.score_range or (float("-inf"), float("inf"))
-        if value is None or not lo <= value <= hi:
-            raise ValueError(f"{where}: label {raw!r} is not a score in [{lo}, {hi}] for {spec.name}")
-        return value
-    if f.raw_labels and type(raw) is type(f.raw_labels[0]) and raw in f.raw_labels:
-        return f.raw_labels.index(raw)
-    raise ValueError(f"{where}: label {raw!r} is not one of {list(f.raw_labels)} for {spec.name}")
-
-
-def _read_tsv(spec: TaskSpec, path: Path, split: str) -> list[Example]:
-    # Lines are split on tabs by hand, with no CSV quoting: MRPC and others hold bare quotes.
-    # utf-8-sig drops MRPC's byte-order mark from its header.
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(lines, 1)]
-    f = spec.fields
-    if f.header is None:
-        if not rows:
-            raise ValueError(f"{path}: empty file; expected a header line and rows for {spec.name}")
-        header = rows.pop(0)[1]
-    else:
-        header = list(f.header)
-    for col in (f.text, f.text_pair, f.label):
-        if col is not None and col not in header:
-            raise ValueError(f"{path}:1: the header {header} lacks column {col!r} for {spec.name}")
-    text, label = header.index(f.text), header.index(f.label)
-    pair = header.index(f.text_pair) if f.text_pair else None
-    out = []
-    for n, cols in rows:
-        if len(cols) != len(header):
-            raise ValueError(f"{path}:{n}: expected {len(header)} tab-separated columns for {spec.name}, "
-                             f"got {len(cols)}")
-        where = f"{path}:{n}"
-        out.append(Example(spec.name, cols[text], cols[pair] if pair is not None else None,
-                           _label(spec, cols[label], where), where))
-    return out
-
-
-def _json_object(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-    return row
-
-
-def _require(row: dict, keys, where: str, task: str) -> None:
-    missing = [k for k in keys if k is not None and k not in row]
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {missing} for {task}; the row has {sorted(row)}")
-
-
-def _read_jsonl(spec: TaskSpec, path: Path, split: str) -> list[Example]:
-    f, out = spec.fields, []
-    labelled = split not in spec.unlabelled
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        row = _json_object(line, where)
-        _require(row, (f.text, f.text_pair, f.label if labelled else None), where, spec.name)
-        out.append(Example(spec.name, row[f.text], row[f.text_pair] if f.text_pair else None,
-                           _label(spec, row[f.label], where) if labelled else None, where))
-    return out
-
-
-def _read_llm_adapters(spec: TaskSpec, path: Path, split: str) -> list[Example]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8") or "[]")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); an LLM-Adapters file is one JSON list") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {{instruction, input, output, answer}}, "
-                         f"got {type(rows).__name__}")
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{path}[{i}]"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        _require(row, ("instruction", "input", "output", "answer"), where, spec.name)
-        if row["answer"] not in spec.labels:
-            raise ValueError(f"{where}: label {row['answer']!r} is not one of {list(spec.labels)} for {spec.name}")
-        out.append(Example(spec.name, row["instruction"], row["input"] or None, row["answer"], where,
-                           target=row["output"]))
-    return out
-
-
-_READERS = {"glue": _read_tsv, "superglue": _read_jsonl, "commonsense": _read_llm_adapters}
-
-
+# ----------------------------------------------------------------------------- loading
 def load_task(name: str, data_dir: str | Path, split: str) -> list[Example]:
     spec = get_spec(name)
     if split not in spec.files:
@@ -293,7 +181,7 @@ def load_task(name: str, data_dir: str | Path, split: str) -> list[Example]:
         what = f"{data_dir}: no such data directory" if not data_dir.is_dir() else f"{path}: not found"
         raise FileNotFoundError(f"{what} ({name} {split}). {WHERE_TO_GET[spec.benchmark]}; "
                                 "on this project's machines scripts/setup.sh links ../shared/data into data/")
-    examples = _READERS[spec.benchmark](spec, path, split)
+    examples = READERS[spec.benchmark](spec, path, split)
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty or holds only a header) for {name} {split}")
     if split in spec.halves:
@@ -339,23 +227,10 @@ def load_jsonl_tasks(path: str | Path, specs: dict[str, TaskSpec] | None = None
     Returns {task: (spec, examples)}. Pass the training file's specs ({task: spec}) when reading
     its dev/test files, so that label ids agree across files."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (a jsonl file of {{task, text, text_pair, label}} objects)")
-    rows: dict[str, list[tuple[dict, str]]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        row = _json_object(line, where)
-        _require(row, ("task", "text", "label"), where, "a jsonl task")
-        if not all(isinstance(v, str) for v in (row["task"], row["text"], row.get("text_pair") or "")):
-            raise ValueError(f"{where}: task, text and text_pair must be strings (text_pair may be null or absent)")
-        rows.setdefault(row["task"], []).append((row, where))
-    if not rows:
-        raise ValueError(f"{path}: empty file; expected one JSON object per line")
+    rows = read_jsonl_rows(path)
     out = {}
     for task, task_rows in rows.items():
         spec = (specs or {}).get(task) or _infer_spec(task, [r["label"] for r, _ in task_rows], path)
-        out[task] = (spec, [Example(task, r["text"], r.get("text_pair"), _label(spec, r["label"], where), where)
+        out[task] = (spec, [Example(task, r["text"], r.get("text_pair"), parse_label(spec, r["label"], where), where)
                             for r, where in task_rows])
     return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.checkpoint import check_config_keys
+from mtlref.models.config import check_config_keys
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, LayerNorm, run_block
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.checkpoint import check_config_keys
-from mtlref.layers import (AdaptedLinear, FeedForward, ForwardContext, KVCache, RMSNorm, apply_rope,
-                           causal_padding_mask, decoder_key_mask, rope_cos_sin, rope_inv_freq,
-                           rope_scaling, rope_theta, run_block)
+from mtlref.models.config import check_config_keys
+from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, RMSNorm, run_block
+from mtlref.models.attention import (KVCache, apply_rope, causal_padding_mask, decoder_key_mask, rope_cos_sin,
+                                     rope_inv_freq, rope_scaling, rope_theta)
 
 # config.json keys read by Config.from_hf (hidden_act and attention_dropout are only checked).
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -45,7 +45,7 @@ class Config:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None            # linear | llama3, see layers.rope_inv_freq
+    rope_scaling: dict | None = None            # linear | llama3, see attention.rope_inv_freq
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.checkpoint import check_config_keys
-from mtlref.layers import (AdaptedLinear, FeedForward, ForwardContext, FusedLinear, KVCache, LayerNorm,
-                           alibi_bias, causal_padding_mask, decoder_key_mask, run_block)
+from mtlref.models.config import check_config_keys
+from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, FusedLinear, LayerNorm, run_block
+from mtlref.models.attention import KVCache, alibi_bias, causal_padding_mask, decoder_key_mask
 
 # config.json keys read by Config.from_hf (norm_type, ffn_config, tie_word_embeddings and the
 # dropouts are only checked).

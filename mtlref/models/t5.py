@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.checkpoint import check_config_keys
-from mtlref.layers import (AdaptedLinear, FeedForward, ForwardContext, KVCache, causal_padding_mask,
-                           decoder_key_mask, run_block, t5_relative_bucket)
+from mtlref.models.config import check_config_keys
+from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext, run_block
+from mtlref.models.attention import KVCache, causal_padding_mask, decoder_key_mask, t5_relative_bucket
 
 # feed_forward_proj -> (gated, activation), as transformers' T5Config derives them.
 FFN_KINDS = {"relu": (False, "relu"), "gelu": (False, "gelu"),
@@ -283,7 +283,7 @@ class Model(nn.Module):
         """-> logits (B, T, V), or the final-normed decoder states (B, T, C) if return_hidden.
         With `encoder_out` the encoder is skipped. With `cache`, decoder_input_ids are only the
         new tokens, attention_mask is still the encoder's mask, and decoder_attention_mask (if
-        any) covers the new tokens or the cached and new ones (layers.decoder_key_mask)."""
+        any) covers the new tokens or the cached and new ones (attention.decoder_key_mask)."""
         if decoder_input_ids is None:
             raise ValueError("T5 needs decoder_input_ids: the target shifted right, starting with "
                              f"config.decoder_start_token_id ({self.config.decoder_start_token_id})")

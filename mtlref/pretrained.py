@@ -1,6 +1,7 @@
-"""config.json + safetensors -> model.
+"""A pretrained Hugging Face checkpoint directory (config.json + safetensors) -> model.
+(Training checkpoints, to resume a run, are mtlref/checkpointing.py's.)
 
-Each family module in mtlref/models/ defines the same three names:
+Each family module in mtlref/models/ (the registry mtlref.models.FAMILIES) defines the same three names:
     Config.from_hf(cfg: dict) -> Config        the dataclass filled from config.json
     Model(cfg)                                  the nn.Module
     hf_key(name: str) -> str | None            checkpoint key -> our state_dict key, or None
@@ -11,34 +12,17 @@ reads every tensor straight into the asked dtype and device, and loads strictly.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-FAMILIES = {"llama": "mtlref.models.llama", "mpt": "mtlref.models.mpt",
-            "t5": "mtlref.models.t5", "bert": "mtlref.models.bert"}
-
+from mtlref.models import FAMILIES
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded; the message names the file and the fix."""
-
-
-def check_config_keys(cfg: dict, required, read, ignored, name: str, module: str) -> None:
-    """config.json must give `required`; a key neither read nor listed as ignored is warned
-    about, never silently dropped (keys starting with "_", such as _name_or_path, are the hub's
-    bookkeeping). name: "a LLaMA", "an MPT"; module: the family's file."""
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ValueError(f"config.json: missing {missing}; {name} config.json must give them")
-    unknown = sorted(k for k in set(cfg) - set(read) - set(ignored) if not k.startswith("_"))   # _name_or_path ...
-    if unknown:
-        warnings.warn(f"config.json keys {unknown} are not used by mtlref's {name.split()[-1]}; if one changes the "
-                      f"model, support it in mtlref/models/{module}.py (else list it in IGNORED_KEYS)")
 
 
 def minilm_dir() -> Path:
@@ -64,12 +48,13 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
 
 
-def family_of(cfg: dict, path: str | Path = "."):
+def family_module(cfg: dict, path: str | Path = "."):
+    """The module of mtlref/models/ that builds config.json `cfg`'s model_type."""
     kind = cfg.get("model_type")
     if kind not in FAMILIES:
         raise CheckpointError(f"{Path(path) / 'config.json'}: model_type {kind!r} is not supported; "
                               f"mtlref knows {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[kind])
+    return FAMILIES[kind]
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -109,7 +94,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     """Load a Hugging Face checkpoint directory (llama | mpt | t5 | bert by config.json)."""
     path = Path(path)
     cfg_dict = read_config(path)
-    fam = family_of(cfg_dict, path)
+    fam = family_module(cfg_dict, path)
     cfg = fam.Config.from_hf(cfg_dict)
     with torch.device("meta"):
         model = fam.Model(cfg)

@@ -1,4 +1,4 @@
-"""Experiment grids: cells of train.py runs, run resumably, recorded as small JSON files, summarised.
+"""Experiment grids: cells of train.py runs, run resumably, recorded as small JSON files.
 
 A grid is a JSON file (experiments/grids/*.json):
 
@@ -12,7 +12,7 @@ A grid is a JSON file (experiments/grids/*.json):
      "baseline": "main/more-lr5e-4"}                          # another grid's cells, the report's first row
 
 "tables" is optional: the report's tables of the grid, each of some of its variants (named as
-experiments/report.py's BENCH_NAME plus the table's suffix), compared within the table; those
+experiments/replication/names.py's BENCH_NAME plus the table's suffix), compared within the table; those
 with "claims" are where the papers' claims are checked. Without it, one table of every variant.
 "baseline" is optional too: a variant of another grid (an ablation's full method is the main
 grid's cell with the same flags), which the report puts first and compares every row with.
@@ -24,7 +24,8 @@ still holds complete comparisons. A finished cell leaves <results>/<grid>/<varia
 checkpoint (`--resume`, bit for bit: tests/test_scale.py). The stored `command` re-runs the
 cell; with the same thread count it gives the same metrics (tests/test_grid.py checks one).
 
-summarise() and paired_t() are what experiments/report.py tabulates; nothing here plots.
+experiments/summary.py reads the result files back (summarise()), experiments/stats.py compares
+them (paired_t()), and experiments/report.py tabulates both; nothing here plots.
 """
 from __future__ import annotations
 
@@ -38,12 +39,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mtlref import bench
-from mtlref.adapters import write_atomic
-from mtlref.metrics import TASK_METRICS
-from mtlref.metrics import main_metric as metric_name
+from experiments import ROOT
+from experiments.bench.machine import machine
+from mtlref.files import write_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 
 
@@ -80,7 +79,7 @@ def load_grid(path: str | Path) -> dict:
         raise SystemExit(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     for key, typ in [("name", str), ("variants", dict), ("seeds", list)]:
         if not isinstance(grid.get(key), typ):
-            raise SystemExit(f"{path}: needs \"{key}\" ({typ.__name__}); see mtlref/grid.py for the format")
+            raise SystemExit(f"{path}: needs \"{key}\" ({typ.__name__}); see experiments/grid.py for the format")
     for v, flags in grid["variants"].items():
         if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
             raise SystemExit(f"{path}: variant {v!r} must be a list of train.py flags (strings)")
@@ -166,7 +165,7 @@ def record(cell: Cell, argv: list[str], env: dict, runs: Path, wall_s: float, re
                 per_task[d.name] = json.loads(c.read_text())["rank_maps"]
     return {"schema": SCHEMA, "grid": cell.grid, "variant": cell.variant, "seed": cell.seed,
             "command": shell_line(argv, env), "argv": argv, "env": env, "git": git or git_state(),
-            "machine": bench.machine(device or "cpu"), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
+            "machine": machine(device or "cpu"), "threads": metrics.get("threads", int(env["OMP_NUM_THREADS"])),
             # a resumed cell: this process's wall + the run's earlier processes' (train.py's metrics.json)
             "wall_s": round(wall_s + metrics.get("wall_s_before_resume", 0.0), 1), "resumed": resumed,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,130 +241,3 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
             if on_done:
                 on_done(cell, cell.result(results))
     return failed
-
-
-# ----------------------------------------------------------------------------- summaries
-def load_results(results: Path, grid: str | None = None) -> list[dict]:
-    files = sorted(Path(results).glob(f"{grid or '*'}/*.json"))
-    return [json.loads(f.read_text()) for f in files]
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    n = len(xs)
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
-
-
-# Two-sided 95 % critical values of Student's t, by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t with `df` (a whole number) degrees of freedom, in closed form
-    (Abramowitz & Stegun 26.7.3-4, with theta = atan(|t| / sqrt(df))): 1 - A(t | df)."""
-    if math.isinf(t):
-        return 0.0
-    th = math.atan(abs(t) / math.sqrt(df))
-    c2, term, acc = math.cos(th) ** 2, 1.0, 1.0
-    if df % 2:                       # odd: A = (2/pi)(theta + sin cos (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...))
-        for k in range(1, (df - 1) // 2):
-            term *= (2 * k) / (2 * k + 1) * c2
-            acc += term
-        a = 2 / math.pi * (th + (math.sin(th) * math.cos(th) * acc if df > 1 else 0.0))
-    else:                            # even: A = sin (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...)
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c2
-            acc += term
-        a = math.sin(th) * acc
-    return max(0.0, 1.0 - a)
-
-
-def holm(pvalues: list[float], alpha: float = 0.05) -> list[bool]:
-    """Holm-Bonferroni: which of the hypotheses are rejected with the family-wise error kept at
-    `alpha` (the smallest p against alpha/m, the next against alpha/(m-1), ..., stopping at the first
-    that is not below)."""
-    out, m = [False] * len(pvalues), len(pvalues)
-    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
-        if pvalues[i] >= alpha / (m - rank):
-            break
-        out[i] = True
-    return out
-
-
-def paired_t(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    """Paired t-test over the seeds both have: mean difference a - b, t, and whether |t| exceeds
-    the two-sided 95 % critical value (None with fewer than 2 shared seeds, or df above the table)."""
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2 or len(seeds) - 1 not in T975:
-        return None
-    d = [a[s] - b[s] for s in seeds]
-    m, sd = mean_std(d)
-    t = math.inf if sd == 0 and m != 0 else (0.0 if sd == 0 else m / (sd / math.sqrt(len(d))))
-    return {"n": len(d), "mean_diff": m, "t": t, "critical": T975[len(d) - 1], "significant": abs(t) > T975[len(d) - 1],
-            "p": t_two_sided_p(t, len(d) - 1)}
-
-
-def main_metric(task: str, task_metrics: dict) -> float:
-    """The task's main metric (mtlref.metrics: MCC for CoLA, Pearson for STS-B, accuracy else);
-    a user's own task lists its main metric first, as its run wrote it."""
-    return task_metrics[metric_name(task) if task in TASK_METRICS else next(iter(task_metrics))]
-
-
-# train.py's flags that choose the data a cell is scored on, and their defaults (train.py's parser)
-DATA_FLAGS = {"--bench": "glue", "--tasks": None, "--data-dir": "data", "--jsonl": None, "--jsonl-dev": None,
-              "--max-eval-examples": None, "--seed": "0"}
-
-
-def scored_on(record: dict) -> dict:
-    """The test data of a finished cell, from its stored train.py argv and its resolved split
-    protocol: {"bench", "tasks", "data_dir", "jsonl", "jsonl_dev", "max_eval_examples", "seed",
-    "split"}. Two cells with equal dicts were scored on the same examples (the paper split's
-    halves are drawn by the seed, so seeds differ)."""
-    argv, out = list(record["argv"]), {}
-    for i, a in enumerate(argv):
-        flag, eq, value = a.partition("=")
-        if flag in DATA_FLAGS:
-            out[flag] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    d = {f.lstrip("-").replace("-", "_"): out.get(f, default) for f, default in DATA_FLAGS.items()}
-    d["seed"] = int(d["seed"])
-    d["max_eval_examples"] = None if d["max_eval_examples"] is None else int(d["max_eval_examples"])
-    d["split"] = record["metrics"]["settings"]["split"]
-    return d
-
-
-def data_key(record: dict) -> str:
-    """scored_on() as one string: the key of experiments/analyses/constant.json."""
-    return json.dumps(scored_on(record), sort_keys=True)
-
-
-COLLAPSE_PEARSON = 0.2      # a trained STS-B head scores >= 0.8 here; ~0 when the outputs ignore the input
-
-
-def collapsed(metrics: dict) -> bool:
-    """A run whose model stopped depending on its input (training loss flat, classification tasks
-    near one class or chance): flagged by STS-B's Pearson below COLLAPSE_PEARSON, a regression
-    task that no constant output can score on. False when the run has no STS-B."""
-    m = metrics["tasks"].get("stsb")
-    return m is not None and main_metric("stsb", m) < COLLAPSE_PEARSON
-
-
-def summarise(records: list[dict]) -> dict:
-    """variant -> {"seeds": {seed: average}, "tasks": {task: (mean, std)}, "average": (mean, std), ...}."""
-    by = {}
-    for r in records:
-        by.setdefault(r["variant"], []).append(r)
-    out = {}
-    for v, rs in by.items():
-        rs.sort(key=lambda r: r["seed"])
-        tasks = list(rs[0]["metrics"]["tasks"])
-        out[v] = {"n": len(rs), "seeds": {r["seed"]: r["metrics"]["average"] for r in rs},
-                  "tasks": {t: mean_std([main_metric(t, r["metrics"]["tasks"][t]) for r in rs
-                                         if t in r["metrics"]["tasks"]])
-                            for t in tasks},
-                  "average": mean_std([r["metrics"]["average"] for r in rs]),
-                  "collapsed": [r["seed"] for r in rs if collapsed(r["metrics"])],
-                  "method": rs[0].get("method"), "trainable_percent": rs[0].get("trainable_percent"),
-                  "wall_s": sum(r["wall_s"] for r in rs), "cpu_s": sum(r["wall_s"] * r["threads"] for r in rs),
-                  "machines": sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs})}
-    return out
