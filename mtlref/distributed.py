@@ -44,8 +44,8 @@ def init_distributed(device: str, fsdp: bool = False) -> str:
     # Modules that evaluate `group.WORLD` in default arguments when they are imported: imported
     # after init_process_group (DDP imports the first on first use, fully_shard the second), they
     # pin the world group for good, destroy_process_group cannot free it, and gloo's threads then
-    # die in the interpreter's finalization, which aborted a rank about one run in ten ("terminate
-    # called without an active exception"). Imported first, their defaults hold None.
+    # die in the interpreter's finalization, where a rank can abort ("terminate called without an
+    # active exception": issue 23 saw it about one run in ten). Imported first, their defaults hold None.
     # tests/test_scale.py checks that no gloo thread outlives close_distributed.
     import torch.distributed.nn.functional  # noqa: F401   (ten functions' group=group.WORLD)
     if fsdp:

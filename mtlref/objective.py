@@ -8,6 +8,7 @@ from mtlref.heads import CausalLM, MultiTaskModel, Seq2SeqLM, family
 from mtlref.presets import resolve_targets
 from mtlref.settings import Settings
 
+
 def objective_of(s: Settings, fam: str, bench: str) -> str:
     """'lm' (commonsense: the LM answers), 'gen' (T5 text-to-text, MoRE Eq. 9: the default for T5)
     or 'head' (per-task heads: decoders as MTL-LoRA, BERT; T5 with --objective head)."""
