@@ -15,6 +15,16 @@ def short_module(n: str) -> str:
             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out"))
 
 
+def save(fig, path: Path, dpi: int) -> str:
+    """Lay the figure out, write it to `path` (its folder made) and close it; -> the path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
 def heat_map(m: list[list[int]], tasks: list[str], names: list[str], title: str, path: Path) -> str:
     """A task × module map of chosen ranks (MoRE Figure 2a/2b)."""
     import matplotlib
@@ -26,11 +36,7 @@ def heat_map(m: list[list[int]], tasks: list[str], names: list[str], title: str,
     ax.set_xticks(range(len(names)), [short_module(n) for n in names], rotation=90, fontsize=6)
     fig.colorbar(im, ax=ax, label="chosen rank r_t")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path, dpi=120)
 
 
 def rank_figure(records: list[dict], path: Path, variant: str = "more") -> str | None:
@@ -59,11 +65,7 @@ def average_figure(summary: dict, order: list[str], path: Path, title: str = "Ma
     ax.set_xticks(range(len(order)), order, rotation=30)
     ax.set_ylabel("GLUE average (papers' metrics)")
     ax.set_title(f"{title}: each seed (dots), mean ± std (bars)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path, dpi=120)
 
 
 def tsne_figure(res: dict, path: Path) -> str | None:
@@ -86,11 +88,7 @@ def tsne_figure(res: dict, path: Path) -> str | None:
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][1].legend(fontsize=7, markerscale=2, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path, dpi=110)
 
 
 def pca_figure(res: dict, path: Path) -> str | None:
@@ -110,8 +108,4 @@ def pca_figure(res: dict, path: Path) -> str | None:
                      f"PC1 {m['explained'][0]:.0%}, PC2 {m['explained'][1]:.0%} of the variance", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path, dpi=110)
