@@ -11,6 +11,7 @@ import torch
 
 from mtlref.adapters import REGISTRY as METHODS
 from mtlref.cli import cli
+from mtlref.data.loading import VAL_SIZE
 from mtlref.data.samplers import SCHEMES
 from mtlref.evaluate import evaluate_run, load_run
 from mtlref.export import export_head, export_merged, export_peft
@@ -77,7 +78,12 @@ def train_args(argv=None, description: str | None = None) -> argparse.Namespace:
                    help="score only the first N examples of each validation and test set (quick runs)")
     p.add_argument("--length-pool", type=int, default=8,
                    help="sort each pool of N sampled batches by length before batching (1: off)")
-    p.add_argument("--eval-limit", type=int, default=200, help="commonsense: test questions generated per task")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="commonsense: score only the first N test questions per task (default: all of them; "
+                        "metrics.json's \"scored\" says how many were)")
+    p.add_argument("--val-size", type=int, default=VAL_SIZE,
+                   help=f"commonsense: questions per task held out of its training set (seeded, never trained "
+                        f"on) to choose the best step on (default {VAL_SIZE}); 0: none, the last step is reported")
     p.add_argument("--out", default=None, help="output directory (default runs/<bench>-<method>)")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -65,11 +65,13 @@ def make_evaluator(model, encoder, specs, splits, split: str, batch_size: int, d
     return evaluate
 
 
-def print_table(results: dict, title: str) -> None:
+def print_table(results: dict, title: str, scored: dict | None = None) -> None:
+    """The per-task table; scored: {task: examples scored}, shown beside each row when given."""
     print(f"\n{title}")
     print(f"{'task':10s} {'main':>8s}  all metrics")
     for task, m in results["tasks"].items():
-        print(f"{task:10s} {next(iter(m.values())):8.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        print(f"{task:10s} {next(iter(m.values())):8.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
+              + (f"  (of {scored[task]:,})" if scored and task in scored else ""))
     print(f"{'average':10s} {results['average']:8.4f}  (mean of the main metrics of the trained tasks)")
 
 
@@ -85,7 +87,7 @@ def score_generation(backbone, tok, sets: dict, batch_size: int, max_new_tokens:
         if verbose:
             print(f"{task:14s} accuracy {results[task]['accuracy']:.4f}  ({len(examples)} questions)", flush=True)
     average = float(np.mean([r["accuracy"] for r in results.values()])) if results else 0.0
-    return {"tasks": results, "average": average}
+    return {"tasks": results, "average": average, "scored": {task: len(ex) for task, (ex, _) in sets.items()}}
 
 
 def generation_accuracy(backbone, tok, task: str, examples: list, task_id: int, batch_size: int = 16,

@@ -77,8 +77,11 @@ def prepare(args) -> Inputs:
                          f"{distributed.world_size()} processes; pass a multiple of the process count")
     if args.fsdp and not torch.distributed.is_initialized():
         raise ValueError("--fsdp shards the base over processes: launch with torchrun --nproc_per_node N")
+    if args.bench == "commonsense" and not args.val_size and s.eval_every:
+        raise ValueError(f"eval_every {s.eval_every} chooses the best step on a validation set, and --val-size 0 "
+                         "holds none out of the training sets; pass --val-size N (never the test set)")
     specs, splits = load_data(args.bench, args.tasks, args.data_dir, s.split, args.seed, args.jsonl,
-                              args.jsonl_dev, args.max_eval_examples)
+                              args.jsonl_dev, args.max_eval_examples, args.val_size)
     if args.train_examples:
         splits = k_shot(splits, args.train_examples, args.seed)
     backbone = load_model(model_dir, dtype=torch.float32, device="cpu" if args.fsdp else device)
@@ -145,7 +148,8 @@ def run_config(args, s: Settings, specs, model_dir: Path, objective: str) -> dic
             "max_length": s.max_length, "split": s.split, "seed": args.seed, "objective": objective,
             "model_dir": str(model_dir), "data_dir": args.data_dir, "jsonl": args.jsonl, "jsonl_dev": args.jsonl_dev,
             "max_eval_examples": args.max_eval_examples, "train_examples": args.train_examples,
-            "init_from": args.init_from, "task_init": args.task_init}
+            "init_from": args.init_from, "task_init": args.task_init, "val_size": args.val_size,
+            "eval_limit": args.eval_limit}
 
 
 def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> dict:
@@ -203,10 +207,15 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
                      eval_every=s.eval_every or 0, device=device, precision=args.precision,
                      aux_weights=aux, fsdp=args.fsdp, save_every=args.save_every,
                      checkpoint_dir=str(out / "checkpoint"), resume=resume, extra=run)
-    if objective == "lm":                             # generation on the first --eval-limit test questions
-        sets = {sp.name: (splits[sp.name]["test"][: args.eval_limit], i) for i, sp in enumerate(specs)}
-        evaluate = test_eval = lambda: score_generation(backbone, tok, sets, args.eval_batch_size)
+    if objective == "lm":       # greedy answers: select on the validation slice, report the test set
+        def sets(part, limit=None):
+            return {sp.name: (splits[sp.name][part][:limit], i) for i, sp in enumerate(specs)}
+        test_eval = lambda: score_generation(backbone, tok, sets("test", args.eval_limit), args.eval_batch_size)
+        scored = {t: len(ex) for t, (ex, _) in sets("test", args.eval_limit).items()}
+        evaluate = (lambda: score_generation(backbone, tok, sets("validation"), args.eval_batch_size)
+                    ) if all(splits[sp.name]["validation"] for sp in specs) else test_eval   # --val-size 0: once, at the end
     else:
+        scored = {t: len(splits[t].get("test") or []) for t in splits}
         evaluate = make_evaluator(model, encoder, specs, splits, "validation", args.eval_batch_size, device,
                                   args.precision)
         test_eval = make_evaluator(model, encoder, specs, splits, "test", args.eval_batch_size, device,
@@ -217,7 +226,7 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
     def on_best(step, val):
         if main:
             save_adapters(model.backbone, out / "best", extra_modules=heads, extra_config=extra_config)
-        same = all(splits[t].get("test") is splits[t].get("validation") for t in val["tasks"])
+        same = evaluate is test_eval or all(splits[t].get("test") is splits[t].get("validation") for t in val["tasks"])
         reported.update(val if same else test_eval(), step=step)
 
     fit(model, iter(batches), cfg, evaluate=evaluate, on_best=on_best, log_path=out / "log.jsonl",
@@ -227,6 +236,8 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
                               clock.update(before=st.get("wall_s", 0.0))))
     metrics = {"tasks": reported["tasks"], "average": reported["average"], "best_step": reported["step"],
                "split": reported_split(s, args.bench), "method": method, "model": model_dir.name,
+               "scored": {t: scored[t] for t in reported["tasks"]},      # test examples each task's number scores
+               "method_options": backbone.adapter_config["options"],    # every option's value, defaults too
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "head_params": head_params, "steps": steps,
                # resumed: this segment + the earlier ones up to the checkpoint (work redone after it counts once)
@@ -237,7 +248,8 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
     if main:
         write_outputs(model.backbone, out, heads, extra_config, metrics, steps)
         print_table(reported, f"{method}{' ' + task if task else ''} — {metrics['split']} set, checkpoint of "
-                              f"step {reported['step']} ({metrics['wall_s']:.0f} s wall)")
+                              f"step {reported['step']} ({metrics['wall_s']:.0f} s wall)",
+                    metrics["scored"] if objective == "lm" else None)
     return metrics
 
 

@@ -150,17 +150,49 @@ def test_mtl_lora_eq4(full, tau, rank, alpha):
     check(slot, weight)
 
 
-def test_mtl_lora_default_weights_are_normal_with_std_tau():
-    a = REGISTRY["mtl-lora"](make_slot(), 2000, R, ALPHA, tau=0.1)
+def test_mtl_lora_normal_weights_init_has_std_tau():
+    a = REGISTRY["mtl-lora"](make_slot(), 2000, R, ALPHA, tau=0.1, weights_init="normal")
     assert a.task_weights.shape == (2000, 3)
     assert (a.task_weights / 0.1).std().item() == pytest.approx(1.0, abs=0.05)
     assert torch.equal(a.task_lambda, torch.ones(2000, R))
 
 
-@pytest.mark.parametrize("init", ["uniform", "normal"])
+def mixing_after(tau: float, steps: int, **options) -> torch.Tensor:
+    """softmax(w_t/τ) (T, n) after `steps` AdamW steps on one fixed regression, from seed 0."""
+    torch.manual_seed(0)
+    slot = attach("mtl-lora", make_slot(), randomised=False, tau=tau, **options).train()
+    a, target = slot.adapter, make_slot(seed=5)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(8, 12, generator=g)
+        loss = (slot(x, ForwardContext(task_ids=torch.arange(8) % T)) - target(x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(a.task_weights.detach() / tau, dim=-1)
+
+
+TAU_MARGIN = 0.25    # max |Δπ| between τ = 0.1 and τ = 1: Kaiming 0.53 at init and after 5 steps; N(0, τ²) 0 and 0.09
+
+
+def test_mtl_lora_tau_changes_the_mixing_at_init_and_after_training():
+    """Eq. 4's τ must be able to matter (Table 5's "w/o τ"): with the default (the official
+    code's Kaiming-uniform) w_t, the same seed gives mixing weights softmax(w_t/τ) that differ
+    between τ = 0.1 and τ = 1 at initialisation, and still after a few training steps. Under
+    weights_init="normal" (w_t ~ N(0, τ²)) both are the same distribution: it fails this test."""
+    assert REGISTRY["mtl-lora"].options["weights_init"] == "kaiming"
+    for steps in (0, 5):
+        gap = (mixing_after(0.1, steps) - mixing_after(1.0, steps)).abs().max().item()
+        assert gap > TAU_MARGIN, (steps, gap)
+    normal = (mixing_after(0.1, 0, weights_init="normal") - mixing_after(1.0, 0, weights_init="normal"))
+    assert normal.abs().max().item() < 1e-6                          # the old default: τ invisible at init
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal", "kaiming"])
 def test_mtl_lora_uniform_init_never_breaks_the_symmetry(init):
     """With w_t uniform and B = 0, the n up-projections get identical gradients and w_t stays
-    uniform forever; the default N(0, τ²) init breaks the symmetry."""
+    uniform forever; the default Kaiming-uniform init and N(0, τ²) break the symmetry."""
     torch.manual_seed(0)
     slot = attach("mtl-lora", make_slot(), randomised=False, weights_init=init).train()
     a = slot.adapter

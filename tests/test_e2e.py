@@ -135,19 +135,21 @@ def test_jsonl_run_on_users_tasks(tiny_bert, tiny_tasks, tmp_path):
 @pytest.mark.slow
 def test_commonsense_run_on_babyllama(tmp_path):
     """LoRA on the real babyllama-1m, BoolQ + ARC-Easy (LLM-Adapters prompts, loss on the
-    response), 20 steps; evaluation generates answers to the first 2 test questions of each task
-    (--eval-limit 2): the accuracies are those of greedy answers generated here from the saved
-    adapters and read with LLM-Adapters' extraction; no heads; eval.py --limit 2 reprints them."""
+    response), 20 steps, 8 training questions per task held out for selection; evaluation
+    generates answers to the first 2 test questions of each task (--eval-limit 2, recorded in
+    "scored"): the accuracies are those of greedy answers generated here from the saved adapters
+    and read with LLM-Adapters' extraction; no heads; eval.py --limit 2 reprints them."""
     model_dir = need(SHARED / "weights" / "babyllama-1m")
     out = tmp_path / "commonsense"
     train_main(["--bench", "commonsense", "--tasks", "boolq,arc_easy", "--data-dir", str(need(DATA)),
                     "--model", str(model_dir), "--method", "lora", "--max-steps", "20", "--lr", "3e-3",
                     "--batch-size", "4", "--max-length", "64", "--eval-limit", "2", "--eval-batch-size", "4",
-                    "--out", str(out)])
+                    "--val-size", "8", "--out", str(out)])
     metrics, tensors, config, log = outputs(out)
     check_files(metrics, tensors, config, log, ["boolq", "arc_easy"], 20, "lora", "commonsense")
     assert (metrics["objective"], metrics["model"], metrics["head_params"]) == ("lm", "babyllama-1m", 0)
     assert metrics["split"] == "test"                       # LLM-Adapters' test.json files are what is scored
+    assert metrics["scored"] == {"boolq": 2, "arc_easy": 2}
     assert not any(k.startswith("heads.") for k in tensors)
     assert {k.split(".")[-3] for k in tensors} == set(config["targets"])
     assert all(set(r) == {"accuracy"} and is_fraction_of(r["accuracy"], 2) for r in metrics["tasks"].values())

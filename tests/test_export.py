@@ -236,12 +236,13 @@ def test_every_option_value_is_recorded_and_old_files_load_with_their_defaults(t
     save_adapters(model, tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["format"] == 3
-    assert saved["options"] == {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal",
+    assert saved["options"] == {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "kaiming",
                                 "task_lambda": True}
     old = {k: v for k, v in saved.items() if k != "format"} | {"options": {}}
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(old))
     fresh = copy.deepcopy(fixture("llama-tiny"))
-    assert load_adapters(fresh, tmp_path / "a")["options"]["tau"] == 0.5
+    options = load_adapters(fresh, tmp_path / "a")["options"]
+    assert options["tau"] == 0.5 and options["weights_init"] == "normal"    # format 1: the default of its day
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved | {"options": {"num_up": 3}}))
     with pytest.raises(ValueError, match=r"options \['full_lambda', 'task_lambda', 'tau', 'weights_init'\]"):
         load_adapters(copy.deepcopy(fixture("llama-tiny")), tmp_path / "a")

@@ -5,12 +5,18 @@ lora_A [r, in]       shared down-projection, Kaiming-uniform(a=√5)
 task_lambda [T, r]   Λ_t diagonal (default, init ones) or [T, r, r] full (init identity)
 lora_B [n, out, r]   n shared up-projections, init zero (so ΔW = 0 at init, §MTL-LoRA)
 task_weights [T, n]  w_t, mixed by a softmax with temperature τ (fp32)
-Init of w_t: the paper is silent. With uniform w_t and B = 0 the n up-projections get
-identical gradients forever and w_t never leaves uniform (the symmetry is never broken; a
-test shows it), so the default is weights_init="normal": w_t ~ N(0, τ²), i.e. w_t/τ ~ N(0, 1)
-whatever τ. weights_init="uniform" (w_t = 0) is kept to reproduce that failure;
-weights_init="kaiming" is the official code's Kaiming-uniform(a=√5) on the [T, n] tensor,
-i.e. U(-1/√n, 1/√n) (fan_in = n).
+Init of w_t: the paper is silent, so the default is the official code's, weights_init="kaiming":
+Kaiming-uniform(a=√5) on the [T, n] tensor, i.e. w_t ~ U(-1/√n, 1/√n) (fan_in = n), whatever τ.
+The logits w_t/τ then start at a spread of 1/(τ√n): τ = 0.1 starts each task's softmax peaked
+on one up-projection, τ = 1 nearly uniform, and τ keeps scaling every later step of w_t (Eq. 4's
+"w/o τ" ablation can show a difference). Two other readings are switches:
+  weights_init="normal"   w_t ~ N(0, τ²), so w_t/τ ~ N(0, 1) for every τ: softmax(w_t/τ) at
+                          init has one distribution whatever τ, and under AdamW (whose steps
+                          have a size set by the lr, not by the gradient) τ only rescales the
+                          logits' step: τ hardly matters (mtlref's default before this one);
+  weights_init="uniform"  w_t = 0: with B = 0 the n up-projections get identical gradients
+                          forever and w_t never leaves uniform (the symmetry is never broken;
+                          a test shows it).
 The ablation switches of MTL-LoRA Table 5:
   "w/o Λ_t"  task_lambda=False: Λ_t fixed to the identity and no task_lambda tensor at all
              (not stored, not counted as trainable); w_t is then the only per-task tensor;
@@ -36,14 +42,14 @@ WEIGHTS_INITS = ("normal", "uniform", "kaiming")
 
 class MTLLoRA(Adapter):
     method = "mtl-lora"
-    options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
+    options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "kaiming", "task_lambda": True}
     format_1_options = {"num_up": 3, "tau": 0.5, "full_lambda": False, "weights_init": "normal", "task_lambda": True}
     zero_init = ("lora_B",)
     task_specific = True
     task_tensors = ("task_lambda", "task_weights")
 
     def __init__(self, base: AdaptedLinear, num_tasks: int, rank: int, alpha: float, dropout: float = 0.0,
-                 num_up: int = 3, tau: float = 0.5, full_lambda: bool = False, weights_init: str = "normal",
+                 num_up: int = 3, tau: float = 0.5, full_lambda: bool = False, weights_init: str = "kaiming",
                  task_lambda: bool = True):
         super().__init__(base, num_tasks, rank, alpha, dropout)
         if weights_init not in WEIGHTS_INITS:
@@ -64,10 +70,10 @@ class MTLLoRA(Adapter):
             self.task_lambda = nn.Parameter(torch.ones(num_tasks, rank, device=dev))   # diag(Λ_t) = 1  (T, r)
         self.lora_B = nn.Parameter(torch.zeros(num_up, self.out_features, rank, device=dev))
         w = torch.zeros(num_tasks, num_up, device=dev)
-        if weights_init == "normal":
-            w.normal_(0.0, self.tau)                                           # w_t/τ ~ N(0, 1)
-        elif weights_init == "kaiming":
+        if weights_init == "kaiming":
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))                        # official code: U(±1/√n)
+        elif weights_init == "normal":
+            w.normal_(0.0, self.tau)                                           # w_t/τ ~ N(0, 1)
         self.task_weights = nn.Parameter(w)
 
     def mixed_up(self) -> torch.Tensor:

@@ -14,16 +14,19 @@ from mtlref.metrics import COMMONSENSE_TASKS, GLUE_TASKS
 # A bench's default tasks are those with a training set (3 commonsense sets ship their evaluation
 # files only; SuperGLUE BoolQ trains on one half of its validation file, data/tasks.py);
 # --tasks may still name the others, and training then says why not.
+VAL_SIZE = 120       # commonsense: questions per task held out of train for selection (LLM-Adapters' val_set_size)
 BENCHES = {"glue": list(GLUE_TASKS),
            "superglue": [n for n in SUPERGLUE_TASKS if "train" in get_spec(n).files],
            "commonsense": [n for n in COMMONSENSE_TASKS if "train" in get_spec(n).files]}
 
 
 def load_data(bench: str, tasks: str | None, data_dir, split: str, seed: int, jsonl=None, jsonl_dev=None,
-              max_eval_examples: int | None = None) -> tuple[list, dict]:
+              max_eval_examples: int | None = None, val_size: int = VAL_SIZE) -> tuple[list, dict]:
     """-> (task specs in id order, {task: {"train", "validation", "test"}}). max_eval_examples
-    keeps the first N of each validation and test set (quick runs; off by default)."""
-    specs, splits = _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev)
+    keeps the first N of each validation and test set (quick runs; off by default). val_size:
+    commonsense only, the questions of each task's training set held out (seeded) as its
+    validation set, never trained on; 0: none (then nothing can be selected on)."""
+    specs, splits = _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev, val_size)
     if max_eval_examples:
         for sp in splits.values():
             for part in ("validation", "test"):
@@ -32,7 +35,7 @@ def load_data(bench: str, tasks: str | None, data_dir, split: str, seed: int, js
     return specs, splits
 
 
-def _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev):
+def _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev, val_size):
     if bench == "jsonl":
         if not jsonl:
             raise ValueError("--bench jsonl needs --jsonl FILE (lines of task, text, text_pair, label)")
@@ -58,8 +61,15 @@ def _load_data(bench, tasks, data_dir, split, seed, jsonl, jsonl_dev):
     names = tasks.split(",") if tasks else BENCHES[bench]
     specs = [get_spec(n) for n in names]
     if bench == "commonsense":                        # LLM-Adapters: train on train.json, score test.json
-        data = {n: {s: load_task(n, data_dir, s) for s in ("train", "test")} for n in names}
-        return specs, {n: {"train": d["train"], "validation": d["test"], "test": d["test"]} for n, d in data.items()}
+        out = {}
+        for n in names:                               # validation: a seeded slice of train (its val_set_size)
+            train, test = load_task(n, data_dir, "train"), load_task(n, data_dir, "test")
+            if val_size >= len(train):
+                raise ValueError(f"{n}: --val-size {val_size} holds out all {len(train)} training questions; "
+                                 "pass a smaller --val-size (0: no validation set)")
+            validation, train = hold_out(train, n, seed, count=val_size) if val_size else ([], train)
+            out[n] = {"train": train, "validation": validation, "test": test}
+        return specs, out
     splits = make_splits(load_tasks(names, data_dir), split, seed)
     if "mnli" in names:                               # MNLI mismatched, reported beside matched
         splits["mnli_mm"] = {"test": load_task("mnli_mm", data_dir, "dev")}

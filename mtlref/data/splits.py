@@ -38,10 +38,12 @@ def _split_off(examples: list[Example], k: int, rng: np.random.Generator) -> tup
     return ([e for e, c in zip(examples, chosen) if c], [e for e, c in zip(examples, chosen) if not c])
 
 
-def hold_out(examples: list[Example], task: str, seed: int, fraction: float = 0.1) -> tuple[list, list]:
-    """(held out, rest): a seeded fraction (at least one) of a task's examples, e.g. a dev set
-    for users' tasks given without one; both parts in file order."""
-    return _split_off(examples, max(1, int(fraction * len(examples))), _rng(seed, task))
+def hold_out(examples: list[Example], task: str, seed: int, fraction: float = 0.1,
+             count: int | None = None) -> tuple[list, list]:
+    """(held out, rest): a seeded fraction (at least one) of a task's examples, or exactly
+    `count` of them, e.g. a dev set for users' tasks given without one; both in file order."""
+    k = max(1, int(fraction * len(examples))) if count is None else count
+    return _split_off(examples, k, _rng(seed, task))
 
 
 def make_splits(task_examples: dict[str, dict[str, list[Example]]], protocol: str = "dev",
