@@ -188,3 +188,17 @@ def test_report_regenerates_the_printed_tables_from_the_json(quick, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() and r.stdout == stdout                  # every line the timed run printed
+
+
+def test_ab_pools_the_paired_per_round_ratios_of_several_runs(tmp_path):
+    """experiments.bench.ab: each round's method / LoRA, pooled over the runs of one version."""
+    from experiments.bench.ab import pooled_ratios, table
+    runs = []
+    for i, (lora, more) in enumerate([([1.0, 2.0], [1.5, 2.2]), ([4.0], [4.4])]):
+        f = tmp_path / f"run{i}.json"
+        f.write_text(json.dumps({"training": {"lora": {"samples": lora}, "more": {"samples": more}}}))
+        runs.append(f)
+    got = pooled_ratios(runs)
+    assert got["lora"] == [1.0, 1.0, 1.0] and got["more"] == pytest.approx([1.5, 1.1, 1.1])
+    rows = table(got, pooled_ratios(runs[1:]), ("before", "after"))
+    assert rows[0].startswith("| method | before × LoRA") and "| more | 1.10 (1.10–1.30) | 1.10 (1.10–1.10) | 3 / 1 |" in rows
