@@ -9,13 +9,18 @@ A grid is a JSON file (experiments/grids/*.json):
      "seeds": [0, 1, 2],
      "minutes_per_cell": 12,                                  # the plan's estimate (2 threads, this CPU)
      "tables": [{"title": "...", "variants": [...], "suffix": "-lr5e-4", "claims": true}, ...],
-     "baseline": "main/more-lr5e-4"}                          # another grid's cells, the report's first row
+     "baseline": "main/more-lr5e-4",                          # another grid's cells, the report's first row
+     "committed": {"lora-mt": [0, 1, 2], "dora": [0], ...}}  # the seeds each variant's result files hold
 
 "tables" is optional: the report's tables of the grid, each of some of its variants (named as
 experiments/replication/names.py's BENCH_NAME plus the table's suffix), compared within the table; those
 with "claims" are where the papers' claims are checked. Without it, one table of every variant.
 "baseline" is optional too: a variant of another grid (an ablation's full method is the main
 grid's cell with the same flags), which the report puts first and compares every row with.
+"committed" is bookkeeping, written by `python experiments/grid.py GRID.json`: every
+variant and the seeds of its result files in experiments/results/<grid>/ (a variant may have
+run more seeds than "seeds", which is what a plain run of the grid runs); tests/test_grid_committed.py
+fails when it disagrees with the result files.
 
 A cell is (variant, seed): `python train.py <common> <variant> --seed S --out <runs>/<grid>/<variant>/s<S>
 --save-every K`. Cells run seed-major (every variant's seed 0 first), so a grid stopped half-way
@@ -29,10 +34,13 @@ them (paired_t()), and experiments/report.py tabulates both; nothing here plots.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import shlex
+import sys
 import subprocess
 import time
 from dataclasses import dataclass
@@ -44,6 +52,7 @@ from experiments.bench.machine import machine
 from mtlref.files import write_atomic
 
 SCHEMA = 1
+RESULTS = ROOT / "experiments" / "results"
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,14 @@ def load_grid(path: str | Path) -> dict:
             raise SystemExit(f"{path}: {sorted(reserved)} are set by the runner per cell; remove them from the grid")
     if not all(isinstance(s, int) for s in grid["seeds"]):
         raise SystemExit(f"{path}: \"seeds\" must be a list of integers")
+    done = grid.get("committed", {})
+    if not (isinstance(done, dict) and all(isinstance(s, list) and all(isinstance(i, int) for i in s)
+                                           for s in done.values())):
+        raise SystemExit(f"{path}: \"committed\" must map variants to lists of seeds (python experiments/grid.py "
+                         f"{path} writes it)")
+    if set(done) - set(grid["variants"]):
+        raise SystemExit(f"{path}: \"committed\" names variants the grid does not have: "
+                         f"{sorted(set(done) - set(grid['variants']))}")
     base = grid.get("baseline")
     if base is not None and not (isinstance(base, str) and base.count("/") == 1):
         raise SystemExit(f"{path}: \"baseline\" must be \"grid/variant\" (e.g. \"main/more-lr5e-4\"), not {base!r}")
@@ -241,3 +258,74 @@ def run_grid(grid: dict, todo: list[Cell], runs: Path, results: Path, jobs: int 
             if on_done:
                 on_done(cell, cell.result(results))
     return failed
+
+
+def result_seeds(grid_name: str, results: Path = RESULTS) -> dict[str, list[int]]:
+    """{variant: its seeds, sorted} from the result files <results>/<grid>/<variant>__s<seed>.json."""
+    found: dict[str, list[int]] = {}
+    folder = Path(results) / grid_name
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        variant, sep, seed = f.stem.rpartition("__s")
+        if not (sep and variant and seed.isdigit()):
+            raise SystemExit(f"{f}: not a result file's name (<variant>__s<seed>.json)")
+        found.setdefault(variant, []).append(int(seed))
+    return {v: sorted(seeds) for v, seeds in found.items()}
+
+
+def committed(grid: dict, results: Path = RESULTS) -> dict[str, list[int]]:
+    """The grid's "committed" field: each of its variants, in the grid's order, with the seeds of
+    its result files ([] where none). A result file of a variant the grid no longer has is an error."""
+    seeds = result_seeds(grid["name"], results)
+    stray = sorted(set(seeds) - set(grid["variants"]))
+    if stray:
+        raise SystemExit(f"{Path(results) / grid['name']}: result files of variants the grid {grid['name']!r} "
+                         f"does not have: {stray}; restore the variants or move their files away")
+    return {v: seeds.get(v, []) for v in grid["variants"]}
+
+
+def write_committed(path: str | Path, results: Path = RESULTS) -> dict[str, list[int]]:
+    """Set the grid file's "committed" to committed(grid): its last key, one variant a line; the
+    rest of the file stays byte for byte as it was. Returns the field."""
+    path = Path(path)
+    grid = load_grid(path)
+    field = committed(grid, results)
+    text = path.read_text(encoding="utf-8").rstrip()
+    if "committed" in grid:        # the block this function wrote: the last key, closed by " }" and "}"
+        text, n = re.subn(r',\n "committed": \{.*?\n \}\n\}$', "\n}", text, flags=re.S)
+        if n != 1:
+            raise SystemExit(f"{path}: \"committed\" is not the file's last key as written by this function; "
+                             "remove it by hand and run again")
+    lines = ",\n".join(f"  {json.dumps(v)}: {json.dumps(seeds)}" for v, seeds in field.items())
+    new = text[:-1].rstrip("\n") + ',\n "committed": {\n' + lines + "\n }\n}\n"
+    before, after = json.loads(text), json.loads(new)
+    assert after.pop("committed") == field and {k: v for k, v in before.items() if k != "committed"} == after
+    if new != path.read_text(encoding="utf-8"):
+        write_atomic(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
+    return field
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write (or --check) each grid file's \"committed\" field: every "
+                                            "variant and the seeds of its result files.")
+    p.add_argument("grids", nargs="*", help="grid files (default: experiments/grids/*.json)")
+    p.add_argument("--results", default=str(RESULTS), help="the result files' root")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a field is not up to date")
+    args = p.parse_args(argv)
+    stale = []
+    for path in args.grids or sorted((ROOT / "experiments" / "grids").glob("*.json")):
+        grid = load_grid(path)
+        want = committed(grid, Path(args.results))
+        if args.check:
+            if grid.get("committed") != want:
+                stale.append(str(path))
+                print(f"{path}: \"committed\" is {grid.get('committed')}, the result files say {want}")
+        else:
+            write_committed(path, Path(args.results))
+            print(f"{path}: committed " + ", ".join(f"{v} {s}" for v, s in want.items()))
+    if stale:
+        print(f"run: python experiments/grid.py {' '.join(stale)}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,11 @@
 Every number in the document comes from a result file (experiments/results/<grid>/*.json, written
 by experiments/run.py), from the committed bench run (docs/bench/minilm-cpu.json) or from the
 analyses' JSON files (experiments/analyses/: probe.py, embeddings.py, constant.py); nothing is
-typed but the papers' own figures, quoted as such. The code is experiments/replication/. The
-paired t-tests need scipy and the figures matplotlib (`pip install -e ".[analysis]"`); without
-matplotlib the document says so.
+typed but the papers' own figures, quoted as such (experiments/replication/papers.py). The epochs
+each task saw, in each claim's protocol line, replay the cell's sampler over the training sets'
+sizes: the result file's, else those of the data it names (data/ here). The code is
+experiments/replication/. The paired t-tests need scipy and the figures matplotlib
+(`pip install -e ".[analysis]"`); without matplotlib the document says so.
 """
 import argparse
 import sys

@@ -1,6 +1,6 @@
 """The grids' result files read back (experiments/grid.py writes them): each finished cell's
-main metrics, the test data it was scored on, whether it collapsed, and each variant summarised
-over its seeds. experiments/report.py tabulates these; experiments/constant.py keys its test
+main metrics, the test data it was scored on, whether it collapsed, its method options (MTL-LoRA's
+w_t init among them), whether it ran from a dirty tree, and each variant summarised over its seeds. experiments/report.py tabulates these; experiments/constant.py keys its test
 sets by data_key()."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from experiments.stats import mean_std
+from mtlref.adapters import REGISTRY
 from mtlref.metrics import TASK_METRICS
 from mtlref.metrics import main_metric as metric_name
 
@@ -50,6 +51,54 @@ def data_key(record: dict) -> str:
     return json.dumps(scored_on(record), sort_keys=True)
 
 
+# A cell's method options as it ran: metrics.method_options (every option, defaults too) where
+# train.py recorded them; a cell from before that has its given options (settings.options) over
+# the defaults mtlref had then, which differ from today's in one value: MTL-LoRA's w_t init was
+# N(0, τ²) ("normal") until the official code's Kaiming-uniform became the default.
+DEFAULTS_BEFORE_METHOD_OPTIONS = {"mtl-lora": {"weights_init": "normal"}}
+INIT_LABELS = {"normal": "old init (w_t ~ N(0, τ²))", "uniform": "w_t = 0 init"}   # kaiming, the default: none
+
+
+def method_options(record: dict) -> dict:
+    """The cell's method options as it ran (above); {} for a method mtlref no longer has."""
+    m = record.get("metrics", {})
+    if "method_options" in m:
+        return dict(m["method_options"])
+    method = record.get("method") or m.get("method")
+    cls = REGISTRY.get(method)
+    given = (m.get("settings") or {}).get("options") or {}
+    return {**cls.options, **DEFAULTS_BEFORE_METHOD_OPTIONS.get(method, {}), **given} if cls else dict(given)
+
+
+def weights_init(record: dict) -> str | None:
+    """An MTL-LoRA cell's w_t init ("kaiming", "normal", "uniform"); None for the other methods."""
+    if (record.get("method") or record.get("metrics", {}).get("method")) != "mtl-lora":
+        return None
+    return method_options(record).get("weights_init")
+
+
+def init_label(record: dict) -> str | None:
+    """How the document labels an MTL-LoRA cell's w_t init ("old init (w_t ~ N(0, τ²))" for the
+    cells before the default changed); None for the default (Kaiming-uniform) and other methods."""
+    return INIT_LABELS.get(weights_init(record))
+
+
+def split_inits(records: list[dict]) -> list[dict]:
+    """Cells of one variant with different w_t inits never share a row: where a variant has cells
+    of more than one init, those of a labelled init (init_label) become the variant "<v> [old
+    init]" (the label's short form), the default's keep the name."""
+    inits: dict[str, set] = {}
+    for r in records:
+        inits.setdefault(r["variant"], set()).add(weights_init(r))
+    return [dict(r, variant=f"{r['variant']} [{label.split(' (')[0]}]")
+            if len(inits[r["variant"]]) > 1 and (label := init_label(r)) else r for r in records]
+
+
+def dirty(record: dict) -> bool:
+    """The cell ran from a working tree with uncommitted changes (its result file's git.dirty)."""
+    return bool((record.get("git") or {}).get("dirty"))
+
+
 COLLAPSE_PEARSON = 0.2      # a trained STS-B head scores >= 0.8 here; ~0 when the outputs ignore the input
 
 
@@ -62,7 +111,8 @@ def collapsed(metrics: dict) -> bool:
 
 
 def summarise(records: list[dict]) -> dict:
-    """variant -> {"seeds": {seed: average}, "tasks": {task: (mean, std)}, "average": (mean, std), ...}."""
+    """variant -> {"seeds": {seed: average}, "tasks": {task: (mean, std)}, "average": (mean, std),
+    "collapsed" / "dirty": [seeds], "inits": [init_label()s of its cells], ...}."""
     by = {}
     for r in records:
         by.setdefault(r["variant"], []).append(r)
@@ -76,6 +126,8 @@ def summarise(records: list[dict]) -> dict:
                             for t in tasks},
                   "average": mean_std([r["metrics"]["average"] for r in rs]),
                   "collapsed": [r["seed"] for r in rs if collapsed(r["metrics"])],
+                  "dirty": [r["seed"] for r in rs if dirty(r)],
+                  "inits": sorted({label for r in rs if (label := init_label(r))}),
                   "method": rs[0].get("method"), "trainable_percent": rs[0].get("trainable_percent"),
                   "wall_s": sum(r["wall_s"] for r in rs), "cpu_s": sum(r["wall_s"] * r["threads"] for r in rs),
                   "machines": sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs})}

@@ -92,7 +92,8 @@ def stack_single_task(args, inputs: Inputs, states: dict, heads: dict, per_task:
                "best_step": {t: m["best_step"] for t, m in per_task.items()},
                "steps": {t: m["steps"] for t, m in per_task.items()},
                "split": reported_split(s, args.bench), "method": "lora-st", "model": model_dir.name,
-               "scored": {t: n for m in per_task.values() for t, n in m["scored"].items()},
+               "scored": {t: n for m in per_task.values() for t, n in m.get("scored", {}).items()},
+               "train_sizes": {t: n for m in per_task.values() for t, n in m.get("train_sizes", {}).items()},
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "trainable_percent_per_task": percent / len(specs), "head_params": sum(m["head_params"] for m in
                                                                                      per_task.values()),

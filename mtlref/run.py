@@ -237,6 +237,7 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
     metrics = {"tasks": reported["tasks"], "average": reported["average"], "best_step": reported["step"],
                "split": reported_split(s, args.bench), "method": method, "model": model_dir.name,
                "scored": {t: scored[t] for t in reported["tasks"]},      # test examples each task's number scores
+               "train_sizes": sizes,                                    # training examples of each task
                "method_options": backbone.adapter_config["options"],    # every option's value, defaults too
                "objective": objective, "trainable_params": trainable, "trainable_percent": percent,
                "head_params": head_params, "steps": steps,

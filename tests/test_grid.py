@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, need_extra
+from conftest import ROOT, need, need_extra, need_minilm
 from experiments import embeddings, probe, tuning
 from experiments import grid as G
 from experiments.constant import best_constant
@@ -145,7 +145,8 @@ def test_a_tiny_grid_runs_two_at_a_time_skips_finished_cells_and_reports(tiny_be
         avg = mean_std([r["metrics"]["average"] for r in recs if r["variant"] == variant])
         assert f"**{avg[0]:.4f} ± {avg[1]:.4f}**" in text, variant
     assert "**Cells finished: 4**" in text and "## Grid `tiny`" in text and "paired t-test" in text
-    row = next(line for line in text.splitlines() if line.startswith("| more | 2 |"))
+    mark = " ‡" if any(r["git"]["dirty"] for r in recs if r["variant"] == "more") else ""   # a dirty tree's cells
+    row = next(line for line in text.splitlines() if line.startswith(f"| more{mark} | 2 |"))
     for task in ("sentiment", "pair"):                    # each task's mean ± std over the two seeds
         ms = mean_std([main_value(task, r["metrics"]["tasks"][task]) for r in recs if r["variant"] == "more"])
         assert f"{ms[0]:.4f} ± {ms[1]:.4f}" in row, task
@@ -251,11 +252,12 @@ def report_from_analyses(tmp_path: Path) -> str:
     return report(tmp_path / "none", tmp_path / "analyses", tmp_path / "doc" / "REPLICATION.md")
 
 
-def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_tasks, tmp_path):
-    """experiments/probe.py on two tiny runs (LoRA-MT, MTL-LoRA): the features are A_t x (rank r)
-    and the module's output (hidden size) averaged over real tokens, for every test example it
-    picked; LoRA-MT's A is shared, so its low-rank features do not depend on the task id, while
-    MTL-LoRA's Λ_t A x does; the probe's macro-F1 and t-SNE points come out for each."""
+def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_tasks, tmp_path, capsys):
+    """experiments/probe.py on two tiny runs (LoRA-MT, MTL-LoRA): the features are A_t x (rank r),
+    the adapter's output ΔY and the module's output (hidden size) averaged over real tokens, for
+    every test example it picked; LoRA-MT's A is shared, so its low-rank features do not depend on
+    the task id, while MTL-LoRA's Λ_t A x does; the probe (A.4's linear SVM by default) gives
+    macro-F1, per-task F1 and t-SNE points for each, and says how many examples of each task it had."""
     need_extra("sklearn")
     runs = {}
     for method in ("lora", "mtl-lora"):
@@ -271,23 +273,40 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
     for m, f in feats.items():
         assert f["module"] == "encoder.layer.1.attention.output.dense"      # bert-tiny: 2 blocks
         assert f["low"].shape == (6, cfg["rank"]) and f["full"].shape == (6, hidden) and len(f["labels"]) == 6
+        assert f["adapter"].shape == (6, hidden) and f["counts"] == {"sentiment": 3, "pair": 3}
         assert f["labels"] == ["sentiment"] * 3 + ["pair"] * 3
-    # the same examples read as the other task: LoRA-MT's A x is unchanged, MTL-LoRA's Λ_t A x is not
+    # the same examples read as the other task: LoRA-MT's A x is unchanged, MTL-LoRA's Λ_t A x is not;
+    # the adapter's output ΔY averaged over tokens is B_t (A_t x averaged): the low features mapped up
     for m, same in (("lora", True), ("mtl-lora", False)):
         cfg_m, specs, backbone, model, tok = probe.load_run(runs[m])
         adapter = probe.adapters_of(backbone)[feats[m]["module"]]
         slot = backbone.get_submodule(feats[m]["module"])
-        A0, A1 = (adapter.as_lora(t, slot)[0] for t in (0, 1))
+        (A0, B0), (A1, _) = (adapter.as_lora(t, slot) for t in (0, 1))
         assert torch.equal(A0, A1) == same, m
+        up = torch.from_numpy(feats[m]["low"][:3]) @ B0.detach().float().T
+        assert torch.allclose(torch.from_numpy(feats[m]["adapter"][:3]), up, atol=1e-5), m
     out = tmp_path / "analyses" / "probe-tiny.json"
     assert probe.main([str(runs["lora"]), str(runs["mtl-lora"]), "--per-task", "10", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["threads"] == torch.get_num_threads()
+    # MTL-LoRA A.4's probe by default: a linear SVM, C = 1, one-vs-rest, 40/60, five split seeds
+    assert (res["classifier"], res["C"], res["standardized"]) == ("svm", 1.0, False)
+    assert res["probe_split"] == {"train": 0.4, "test": 0.6, "stratified": True, "seeds": [0, 1, 2, 3, 4]}
     for run in res["runs"].values():
-        for space, dim in (("low", cfg["rank"]), ("full", hidden)):
+        assert run["per_task_counts"] == {"sentiment": 10, "pair": 10} and run["fewer"] == {}
+        for space, dim in (("low", cfg["rank"]), ("adapter", hidden), ("full", hidden)):
             r = run[space]
-            assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["tsne"]) == 20
+            assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["macro_f1_splits"]) == 5
+            assert r["macro_f1"] == pytest.approx(sum(r["macro_f1_splits"]) / 5)
+            assert set(r["per_task_f1"]) == {"sentiment", "pair"} and isinstance(r["converged"], bool)
             assert r["n_train"] == 8 and r["n_test"] == 12                 # 40 / 60 of 20 examples
+            assert len(r["tsne"]) == 20 if space != "adapter" else "tsne" not in r
+    # more than a task has: all of it, and the JSON and the printed line say which tasks and how many
+    few = tmp_path / "probe-few.json"
+    assert probe.main([str(runs["lora"]), "--per-task", "1000", "--splits", "1", "--out", str(few)]) == 0
+    run = json.loads(few.read_text())["runs"][str(runs["lora"])]
+    assert run["per_task_counts"] == run["fewer"] == {"sentiment": 24, "pair": 24}
+    assert "(1000 per task; fewer: sentiment 24, pair 24)" in capsys.readouterr().out
     text = report_from_analyses(tmp_path)
     assert f"`{res['command']}` ({res['threads']} torch thread(s))" in text
     for name, run in res["runs"].items():
@@ -415,6 +434,9 @@ def test_the_committed_report_is_what_the_committed_result_files_give(tmp_path):
     mtlref/) print as they did when the file was written."""
     need_extra("scipy")
     need_extra("matplotlib")                                # without it the document says "not drawn"
+    for bench in ("glue", "superglue"):                     # the training sets' sizes: the epochs per task
+        need(ROOT / "data" / bench)
+    need_minilm()                                           # its config: MoRE's h, each module's input size
     text = report(ROOT / "experiments" / "results", ROOT / "experiments" / "analyses", tmp_path / "REPLICATION.md")
     assert text == (ROOT / "docs" / "REPLICATION.md").read_text(encoding="utf-8")
 
@@ -465,10 +487,10 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     assert "\n1 resumed cell(s) count the wall time of their last process only" in text
     assert text.split("last process only")[1].split("\n")[0].endswith(": `main/more/s0`.")
     five, two = text.split("### Shared lr 5e-4")[1].split("### Shared lr 2e-3")
-    claim = next(line for line in five.splitlines() if line.startswith("- MoRE (Table 1): MoRE above multi-task"))
+    claim = next(line for line in five.splitlines() if line.startswith("- MoRE (Table 2): MoRE above LoRA ("))
     # seeds 0 and 1: (0.65 - 0.60 + 0.66 - 0.62) / 2 = +0.0450 (the means' difference would be +0.0150)
     assert "`more-lr5e-4` − `lora-mt-lr5e-4` = +0.0450" in claim, claim
-    claim = next(line for line in two.splitlines() if line.startswith("- MoRE (Table 1): MoRE above multi-task"))
+    claim = next(line for line in two.splitlines() if line.startswith("- MoRE (Table 2): MoRE above LoRA ("))
     claims_two = two.split("#### What agrees")[1].split("###")[0]
     assert "`more` − `lora-mt` = +0.0300" in claim and "lr5e-4" not in claims_two
     assert "| more | 1 |" in two and "+0.0300 (seed 0 only: no test)" in two  # 0.64 - 0.61 on seed 0
@@ -483,19 +505,20 @@ def test_the_main_grids_tables_compare_within_one_lr_and_over_shared_seeds_only(
     assert "2 cells;" in ablation                                        # its own cells only
     # against MoRE's Table 5: the full method's seeds 0.65, 0.66 give sigma 0.0071, so 2 sqrt 2 sigma = 0.0200
     assert "2√2 σ = 0.0200, σ = 0.0071" in ablation
-    assert ("- w/o STE (`no-ste`): the paper -0.0090; here -0.0400 (seed 0 only: beyond the spread, |-0.0400| vs "
-            "0.0200): agrees, beyond the seed spread." in ablation)
-    assert ("- w/o CL optimization (`no-contrastive`): the paper -0.0100; here -0.0050 (seed 0 only: within the "
-            "spread, |-0.0050| vs 0.0200): agrees, but within the seed spread." in ablation)
+    assert ("- w/o STE (`no-ste`): the paper 0.864 vs 0.873, a drop of -0.0090; here -0.0400 (seed 0 only: beyond "
+            "the spread, |-0.0400| vs 0.0200): agrees, beyond the seed spread." in ablation)
+    assert ("- w/o CL optimization (`no-contrastive`): the paper 0.863 vs 0.873, a drop of -0.0100; here -0.0050 (seed "
+            "0 only: within the spread, |-0.0050| vs 0.0200): agrees, but within the seed spread." in ablation)
     assert "- w/o task embeddings (`no-task-embedding`): no cell has finished yet." in ablation
     assert ("still to run: `no-contrastive`: `python experiments/run.py experiments/grids/ablation-more.json "
             "--variants no-contrastive --seeds 1,2 --jobs 2`") in ablation
     # the summary: each claim once, in the group of what came out, linked to the section with its numbers
     summary = text.split("## What agrees with the papers and what does not")[1].split("\n## ")[0]
     groups = {g.split("**")[0]: g for g in summary.split("\n**")[1:]}
-    assert ("- MoRE (Table 1): MoRE above multi-task LoRA: `more-lr5e-4` − `lora-mt-lr5e-4` = +0.0450 (2 seeds, p = "
+    assert ("- MoRE (Table 2): MoRE above LoRA: `more-lr5e-4` − `lora-mt-lr5e-4` = +0.0450 (2 seeds, p = "
             in groups["Agrees, within the seed spread"]) and "([Shared lr 5e-4](#shared-lr-5e-4))" in summary
-    assert ("- MoRE's Table 5 (T5-base): w/o STE below the full method (the paper: -0.0090): `no-ste` − "
+    assert ("- MoRE's Table 5 (GLUE average; its 87.3 is Table 2's T5-base MoRE): w/o STE below the full method "
+            "(the paper: -0.0090): `no-ste` − "
             "`main/more-lr5e-4` = -0.0400 (1 seed) ([Grid `ablation-more`](#grid-ablation-more))"
             in groups["Agrees, beyond the seed spread"])
     assert "`more` − `lora-mt` = +0.0300 (1 seed)" in groups["Agrees in direction, untested"]

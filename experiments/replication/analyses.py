@@ -1,6 +1,8 @@
 """The sections of the analyses' JSON files (experiments/analyses/): MTL-LoRA's task
 differentiation (Table 6, Figure 1; experiments/probe.py) and MoRE's task embeddings and rank
-experts (Figure 2b, 2c; experiments/embeddings.py), each with the claims it checks."""
+experts (Figure 2b, 2c; experiments/embeddings.py), each with the claims it checks, what the
+paper prints for them, and the protocol line of the runs analysed (their result files, found by
+the run directory; an MTL-LoRA run's w_t init from the analysis' options, else its result file)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +12,29 @@ from pathlib import Path
 from experiments.replication.claims import Finding
 from experiments.replication.figures import heat_map, pca_figure, tsne_figure
 from experiments.replication.names import TASK_NAMES
+from experiments.replication.papers import EMBEDDING_CLAIMS, PROBE_CLAIMS
+from experiments.summary import INIT_LABELS, init_label
+
+
+def run_sides(protos, runs: list[str]) -> list[tuple[str, list[dict]]]:
+    """(variant, its result records) of each analysed run directory, for the protocol line."""
+    out = []
+    for run in runs:
+        cells = protos.cells_of_run(run)
+        out.append((cells[0]["variant"] if cells else run, cells))
+    return out
+
+
+def run_init(protos, run: str, r: dict) -> str | None:
+    """An analysed MTL-LoRA run's w_t init label: the analysis' own record of its options, else the
+    result file of the cell that wrote the run; None for the default init and other methods."""
+    if r.get("method") != "mtl-lora":
+        return None
+    options = r.get("method_options") or r.get("options")
+    if options and "weights_init" in options:
+        return INIT_LABELS.get(options["weights_init"])
+    cells = protos.cells_of_run(run)
+    return init_label(cells[0]) if cells else "w_t init not recorded"
 
 
 def ran_with(res: dict) -> str:
@@ -17,35 +42,60 @@ def ran_with(res: dict) -> str:
     return f" ({res['threads']} torch thread(s))" if "threads" in res else ""
 
 
-def probe_section(analyses: Path, figs: Path, rel) -> tuple[list[str], list[Finding]]:
-    """MTL-LoRA Table 6 / Figure 1 from experiments/probe.py's JSON files."""
+SPACES = {"low": "low-rank A_t x", "adapter": "adapter output ΔW_t x", "full": "full-rank W x + ΔW_t x"}
+
+
+def probe_method(res: dict) -> str:
+    """How the probe scored, from its JSON (files before the A.4 SVM default record no classifier)."""
+    if "classifier" not in res:
+        return "a logistic regression on standardised features"
+    k = len((res.get("probe_split") or {}).get("seeds") or [0])
+    return ({"svm": "a linear SVM, one-vs-rest", "logreg": "a logistic regression"}.get(res["classifier"],
+                                                                                     res["classifier"])
+            + f" (C = {res.get('C', 1.0):g}{', standardised features' if res.get('standardized') else ''})"
+            + (f", its macro-F1 averaged over {k} split seeds" if k > 1 else ""))
+
+
+def probe_section(analyses: Path, figs: Path, rel, protos, at_constant: dict[str, set[str]]
+                  ) -> tuple[list[str], list[Finding]]:
+    """MTL-LoRA Table 6 / Figure 1 from experiments/probe.py's JSON files: per feature space the
+    claim of the figure or table that draws it (PROBE_CLAIMS), MTL-LoRA's run labelled by its w_t
+    init, and the runs' protocol line."""
+    head = "## Task differentiation (MTL-LoRA Table 6, Figure 1)"
     files = sorted(analyses.glob("probe-*.json"))
     if not files:
-        return ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", "",
-                "Not yet run: no `experiments/analyses/probe-*.json` (`python experiments/probe.py RUN ...`).", ""], []
-    L, found = ["## Task differentiation (MTL-LoRA Table 6, Figure 1)", ""], []
+        return [head, "", "Not yet run: no `experiments/analyses/probe-*.json` (`python experiments/probe.py RUN "
+                "...`).", ""], []
+    L, found = [head, ""], []
     for f in files:
         res = json.loads(f.read_text())
+        first = next(iter(res["runs"].values()))
+        spaces = [sp for sp in SPACES if sp in first]
         L += [f"`{res['command']}`{ran_with(res)} ({res['per_task']} test examples per task, seed {res['seed']}): "
-              "a linear probe (logistic regression on standardised features) fitted on a stratified 40 % and "
-              "scored on the other 60 %, macro-F1 over the tasks; chance is 1 / (number of tasks).", "",
-              "| run | method | module | low-rank (dim) | full-rank (dim) |", "|---|---|---|---:|---:|"]
+              f"{probe_method(res)}, fitted on a stratified 40 % and scored on the other 60 %, macro-F1 over the "
+              "tasks; chance is 1 / (number of tasks).", "",
+              "| run | method | module | " + " | ".join(f"{SPACES[sp]} (dim)" for sp in spaces) + " | w_t init |",
+              "|---|---|---|" + "---:|" * len(spaces) + "---|"]
+        inits = {name: run_init(protos, name, r) for name, r in res["runs"].items()}
         for name, r in res["runs"].items():
-            L.append(f"| `{name}` | {r['method']} | `{r['module']}` | {r['low']['macro_f1']:.3f} ({r['low']['dim']}) | "
-                     f"{r['full']['macro_f1']:.3f} ({r['full']['dim']}) |")
+            L.append(f"| `{name}` | {r['method']} | `{r['module']}` | "
+                     + " | ".join(f"{r[sp]['macro_f1']:.3f} ({r[sp]['dim']})" for sp in spaces)
+                     + f" | {inits[name] or ('–' if r['method'] != 'mtl-lora' else 'Kaiming-uniform')} |")
         L.append("")
-        by = {r["method"]: r for r in res["runs"].values()}
+        by = {r["method"]: (name, r) for name, r in res["runs"].items()}
         if "lora" in by and "mtl-lora" in by:
-            for space, what in (("low", "low-rank"), ("full", "full-rank")):
-                d = by["mtl-lora"][space]["macro_f1"] - by["lora"][space]["macro_f1"]
-                found.append(Finding(
-                    f"MTL-LoRA (Table 6): MTL-LoRA's {what} features tell the tasks apart better than LoRA-MT's",
-                    f"macro-F1 {by['mtl-lora'][space]['macro_f1']:.3f} against {by['lora'][space]['macro_f1']:.3f} "
-                    f"(`{f.name}`)", d > 0, "untested", "Task differentiation (MTL-LoRA Table 6, Figure 1)"))
-                L.append(f"- MTL-LoRA (Table 6): MTL-LoRA's {what} features tell the tasks apart better than "
-                         f"LoRA-MT's. Here {by['mtl-lora'][space]['macro_f1']:.3f} against "
-                         f"{by['lora'][space]['macro_f1']:.3f} ({d:+.3f}): {'agrees' if d > 0 else 'does not agree'} "
-                         "(one seed, one split of the probe).")
+            line = protos.line("mtl-lora", run_sides(protos, [by["mtl-lora"][0], by["lora"][0]]), at_constant)
+            mtl, lora = by["mtl-lora"][1], by["lora"][1]
+            init = inits[by["mtl-lora"][0]]
+            for space in spaces:
+                text, printed = PROBE_CLAIMS[space]
+                d = mtl[space]["macro_f1"] - lora[space]["macro_f1"]
+                found.append(Finding(text, f"macro-F1 {mtl[space]['macro_f1']:.3f} against "
+                                     f"{lora[space]['macro_f1']:.3f} (`{f.name}`{'; MTL-LoRA ' + init if init else ''})",
+                                     d > 0, "untested", head.removeprefix("## "), line))
+                L += [f"- {text} (the paper: {printed}). Here {mtl[space]['macro_f1']:.3f} against "
+                      f"{lora[space]['macro_f1']:.3f} ({d:+.3f}): {'agrees' if d > 0 else 'does not agree'} "
+                      "(one seed of each run, no test).", f"  - {line}"]
             L.append("")
         fig = tsne_figure(res, figs / f"{f.stem}-tsne.png")
         if fig:
@@ -60,7 +110,8 @@ def pair_rank(cos: list[list[float]], tasks: list[str], a: str, b: str) -> tuple
     return c, pairs.index(c) + 1, len(pairs)
 
 
-def embeddings_section(analyses: Path, figs: Path, rel) -> tuple[list[str], list[Finding]]:
+def embeddings_section(analyses: Path, figs: Path, rel, protos, at_constant: dict[str, set[str]]
+                       ) -> tuple[list[str], list[Finding]]:
     """MoRE Figure 2b/2c from experiments/embeddings.py's JSON files."""
     files = sorted(analyses.glob("embeddings-*.json"))
     L, found = ["## MoRE's task embeddings and rank experts (Figure 2b, 2c)", ""], []
@@ -94,17 +145,18 @@ def embeddings_section(analyses: Path, figs: Path, rel) -> tuple[list[str], list
             c1, r1, n = pair_rank(cos, tasks, "mrpc", "qnli")
             c2, r2, _ = pair_rank(cos, tasks, "stsb", "cola")
             where = "MoRE's task embeddings and rank experts (Figure 2b, 2c)"
-            found.append(Finding("MoRE (Figure 2c): MRPC and QNLI cluster",
-                                 f"their cosine ranks {r1} of {n} pairs (`{f.name}`)", r1 <= n // 4, "untested", where))
-            found.append(Finding("MoRE (Figure 2c): STS-B and CoLA lie far apart",
-                                 f"their cosine ranks {r2} of {n} pairs (`{f.name}`)", r2 > n - n // 4, "untested",
-                                 where))
-            L += [f"- MoRE (Figure 2c): MRPC and QNLI cluster. Here their cosine is {c1:+.3f}, rank {r1} of {n} "
+            line = protos.line("more", run_sides(protos, [res["run"]]) if "run" in res else [], at_constant)
+            (near, near_p), (far, far_p) = EMBEDDING_CLAIMS["near"], EMBEDDING_CLAIMS["far"]
+            found.append(Finding(near, f"their cosine ranks {r1} of {n} pairs (`{f.name}`)", r1 <= n // 4, "untested",
+                                 where, line))
+            found.append(Finding(far, f"their cosine ranks {r2} of {n} pairs (`{f.name}`)", r2 > n - n // 4,
+                                 "untested", where, line))
+            L += [f"- {near} (the paper: {near_p}). Here their cosine is {c1:+.3f}, rank {r1} of {n} "
                   f"pairs (1 = most similar): {'agrees' if r1 <= n // 4 else 'does not agree'} (our rule: "
-                  "in the most similar quarter of the pairs).",
-                  f"- MoRE (Figure 2c): STS-B and CoLA lie far apart. Here their cosine is {c2:+.3f}, rank {r2} of "
+                  "in the most similar quarter of the pairs).", f"  - {line}",
+                  f"- {far} (the paper: {far_p}). Here their cosine is {c2:+.3f}, rank {r2} of "
                   f"{n}: {'agrees' if r2 > n - n // 4 else 'does not agree'} (our rule: in the least similar "
-                  "quarter).", ""]
+                  "quarter).", f"  - {line}", ""]
         fig = pca_figure(res, figs / f"{f.stem}-pca.png")
         if fig:
             L += [f"![PCA of the task embeddings]({rel(fig)})", ""]

@@ -1,8 +1,10 @@
-"""The papers' claims checked on the tables' numbers: each pair a paper orders (PAPER_CLAIMS), each
-ablated row of a Table 5 (PAPER_ABLATIONS), MoRE's few-shot Table 4; what testing several claims at
-once and a task no variant learned do to them (caveats); and the summary at the top of the document
-that lists every claim checked (findings_section). Each section returns its lines and its findings;
-the best-constant tasks a claim's figure names (here) come in as an argument."""
+"""The papers' claims checked on the tables' numbers: each pair a paper orders (papers.PAPER_CLAIMS),
+each ablated row of a Table 5 (PAPER_ABLATIONS), MoRE's few-shot Table 4; the comparisons no paper
+makes, apart (OWN_COMPARISONS); what testing several claims at once and a task no variant learned
+do to them (caveats); and the summary at the top of the document that lists every claim checked
+(findings_section). Each claim names the table that makes it, quotes its numbers and says under
+which protocol it was tested here (protocol.Protocols). Each section returns its lines and its
+findings; the best-constant tasks a claim's figure names (here) come in as an argument."""
 from __future__ import annotations
 
 import re
@@ -11,42 +13,27 @@ from typing import NamedTuple
 from experiments import ROOT
 from experiments.grid import fmt_minutes, load_grid, planned_minutes
 from experiments.replication.names import TASK_NAMES
+from experiments.replication.papers import (FEWSHOT_CLAIM, N1_BELOW_LORA_MT, OWN_COMPARISONS, PAPER_ABLATIONS,
+                                            PAPER_CLAIMS, TABLE4)
 from experiments.replication.tables import compare, shared_diff
 from experiments.stats import holm, paired_t
 from experiments.summary import summarise
 from mtlref.metrics import main_metric as metric_name
 
-# What each paper reports about a pair (a direction, never a number): (variant, reference, paper).
-PAPER_CLAIMS = [("mtl-lora", "lora-mt", "MTL-LoRA (Tables 2-4): MTL-LoRA above LoRA-MT"),
-                ("mtl-lora", "lora-st", "MTL-LoRA (Table 2): MTL-LoRA above LoRA-ST"),
-                ("more", "lora-mt", "MoRE (Table 1): MoRE above multi-task LoRA"),
-                ("more", "moelora", "MoRE (Table 1): MoRE above MoELoRA"),
-                ("more", "multilora", "MoRE (Table 1): MoRE above MultiLoRA"),
-                ("more", "mixlora", "MoRE (Table 1): MoRE above MixLoRA"),
-                ("more", "mtl-lora", "MoRE (Table 1): MoRE above MTL-LoRA"),
-                ("dora", "lora-mt", "MTL-LoRA (Table 7, commonsense): DoRA above LoRA")]
-# Each paper's Table 5 (GLUE average): its full method's and each ablated row's, keyed by our
-# variant names. These are the papers' numbers (their backbone and budget), quoted to set the
-# direction and size beside ours; none is a measurement here.
-PAPER_ABLATIONS = {
-    "ablation-mtl-lora": ("MTL-LoRA's Table 5 (LLaMA-2-7B)", 0.8996,
-                          {"no-task-lambda": ("w/o Λ_t", 0.8956), "no-tau": ("w/o τ", 0.8895), "n-1": ("n = 1", 0.8886)}),
-    "ablation-more": ("MoRE's Table 5 (T5-base)", 0.873,
-                      {"no-linear-scaling": ("w/o linear scaling", 0.870), "no-task-embedding": ("w/o task embeddings", 0.861),
-                       "no-contrastive": ("w/o CL optimization", 0.863), "no-ste": ("w/o STE", 0.864),
-                       "random-sampling": ("w/ random sample", 0.862), "subset-experts": ("w/ subset experts", 0.862)}),
-}
 NEAR_CHANCE_MCC = 0.1       # |MCC| below this: hardly better than one class (MCC 0)
 
 
 class Finding(NamedTuple):
     """A claim a section checks, for the summary: the paper's claim, what was found here, whether it
-    agrees, how surely ("beyond" / "within" the seed spread, or "untested"), the section's heading."""
+    agrees, how surely ("beyond" / "within" the seed spread, or "untested"), the section's heading,
+    the protocol line of its cells, and whether it is our own comparison (no paper's claim)."""
     paper: str
     here: str
     agrees: bool
     how: str
     section: str
+    protocol: str = ""
+    own: bool = False
 
 
 def merge_at_constant(*parts: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -78,12 +65,17 @@ def findings_section(found: list[Finding]) -> list[str]:
               (False, "untested", "Does not agree in direction, untested"),
               (False, "within", "Does not agree, within the seed spread"),
               (False, "beyond", "Does not agree, beyond the seed spread")]
+    def lines(rows: list[Finding]) -> list[str]:
+        return [x for f in rows for x in [f"- {f.paper}: {f.here} ([{f.section}]({anchor(f.section)}))"]
+                + ([f"  - {f.protocol}"] if f.protocol else [])] + [""]
+
     for agrees, how, title in groups:
-        rows = [f for f in found if f.agrees is agrees and f.how == how]
+        rows = [f for f in found if f.agrees is agrees and f.how == how and not f.own]
         if rows:
-            L += [f"**{title}** ({len(rows)}):", ""]
-            L += [f"- {paper}: {here} ([{section}]({anchor(section)}))" for paper, here, _, _, section in rows]
-            L.append("")
+            L += [f"**{title}** ({len(rows)}):", ""] + lines(rows)
+    own = [f for f in found if f.own]
+    if own:
+        L += [f"**Our own comparisons, not a claim of either paper** ({len(own)}):", ""] + lines(own)
     return L
 
 
@@ -114,22 +106,35 @@ def here(summary: dict, v: str, ref: str, d: float, at_constant: dict[str, set[s
                if floor else ""))
 
 
-def table_claims(summary: dict, vs: list[str], suffix: str, section: str,
-                 at_constant: dict[str, set[str]]) -> tuple[list[str], list[Finding]]:
+def table_claims(summary: dict, vs: list[str], suffix: str, section: str, at_constant: dict[str, set[str]],
+                 cells: dict[str, list[dict]], protos) -> tuple[list[str], list[Finding]]:
     """The papers' claims (PAPER_CLAIMS) on a table's numbers, its variants named with its suffix,
-    and their caveats; `section`: the table's heading, where the summary links to."""
+    their caveats, and apart our own comparisons (OWN_COMPARISONS); each with the numbers its table
+    prints and the protocol line of its cells (cells: variant -> result records; protos: the
+    document's Protocols); `section`: the table's heading, where the summary links to."""
     L, found = [], []
-    claims = [(v + suffix, r_ + suffix, paper) for v, r_, paper in PAPER_CLAIMS
-              if v + suffix in summary and r_ + suffix in summary]
-    if claims:
-        L += ["#### What agrees with the papers and what does not", ""]
-        for v, r_, paper in claims:
+
+    def check(claims, own: bool) -> list[str]:
+        out = []
+        for v, r_, c in claims:
             d, said, how = verdict(summary, v, r_)
-            L.append(f"- {paper}. Here `{v}` − `{r_}` = {d:+.4f} on the average over the shared seeds "
-                     f"({compare(summary, v, r_)}): {said}.")
+            line = protos.line(c.paper, [(v, cells.get(v, [])), (r_, cells.get(r_, []))], at_constant)
+            out += [f"- {c.text} ({'the paper' if c.paper else 'why ours'}: {c.printed}). Here `{v}` − `{r_}` = "
+                    f"{d:+.4f} on the average over the shared seeds ({compare(summary, v, r_)}): {said}.",
+                    f"  - {line}"]
             if how:
-                found.append(Finding(paper, here(summary, v, r_, d, at_constant), d > 0, how, section))
-        L += [""] + caveats(summary, vs, claims)
+                found.append(Finding(c.text, here(summary, v, r_, d, at_constant), d > 0, how, section, line, own))
+        return out
+
+    def pairs(claims):
+        return [(c.variant + suffix, c.reference + suffix, c) for c in claims
+                if c.variant + suffix in summary and c.reference + suffix in summary]
+    claims, own = pairs(PAPER_CLAIMS), pairs(OWN_COMPARISONS)
+    if claims:
+        L += ["#### What agrees with the papers and what does not", ""] + check(claims, False) + [""]
+        L += caveats(summary, vs, [(v, r_, c.text) for v, r_, c in claims])
+    if own:
+        L += ["#### Our own comparisons (no paper makes them)", ""] + check(own, True) + [""]
     return L, found
 
 
@@ -154,27 +159,30 @@ def caveats(summary: dict, vs: list[str], claims: list[tuple[str, str, str]]) ->
     return L
 
 
-def ablation_section(summary: dict, grid: str, base: str, records: list[dict],
-                     at_constant: dict[str, set[str]]) -> tuple[list[str], list[Finding], list[str]]:
+def ablation_section(summary: dict, grid: str, base: str, records: list[dict], at_constant: dict[str, set[str]],
+                     cells: dict[str, list[dict]], protos) -> tuple[list[str], list[Finding], list[str]]:
     """Each ablated row against the full method (the baseline's cells) and the paper's Table 5:
     the paper has every row below its full method. A row on one seed is judged against the full
     method's seed spread; one within it needs 3 seeds (the grid's rule), and the section names them
-    with the command that runs them. Returns the lines, the findings and those rows."""
-    paper, full, rows = PAPER_ABLATIONS[grid]
+    with the command that runs them. Each row gets its protocol line (cells: variant -> records).
+    Returns the lines, the findings and those rows."""
+    ab = PAPER_ABLATIONS[grid]
     sigma, n_base = summary[base]["average"][1], summary[base]["n"]
     lim = 2 * 2 ** 0.5 * sigma
-    L = [f"#### What agrees with {paper} and what does not", "",
-         f"The paper has every row below its full method (GLUE average {full:.4f}); its drop is quoted from its "
-         f"table, ours is the row's average minus `{base}`'s over the seeds both ran. A row with 2 or more seeds "
+    L = [f"#### What agrees with {ab.name} and what does not", "",
+         f"The paper has every row below its full method (GLUE average {ab.full:.{ab.digits}f}); its drop is the one it "
+         f"prints, else its row minus its full method; ours is the row's average minus `{base}`'s over the seeds "
+         "both ran. A row with 2 or more seeds "
          "gets the paired t-test; a row on one seed is beyond the seed spread when its difference exceeds "
          f"2√2 σ = {lim:.4f}, σ = {sigma:.4f} the full method's sample std over its {n_base} seeds (a difference of "
          "two one-seed runs has std √2 σ; 2√2 σ is its two-sided 95 % for normal noise, with σ itself from few "
          "seeds).", ""]
     need, found = [], []
-    for v, (label, theirs) in rows.items():
+    for v, (label, theirs, printed) in ab.rows.items():
         if v not in summary:
             L.append(f"- {label} (`{v}`): no cell has finished yet.")
             continue
+        drop = printed if printed is not None else theirs - ab.full
         d, seeds = shared_diff(summary, v, base)
         t = paired_t(summary[v]["seeds"], summary[base]["seeds"])
         if t is not None:
@@ -186,25 +194,28 @@ def ablation_section(summary: dict, grid: str, base: str, records: list[dict],
             how, within = "no shared seed with a spread to judge it by", True
         if within and len(seeds) < 3:
             need.append(v)
+        line = protos.line(ab.paper, [(v, cells.get(v, [])), (base, cells.get(base, []))], at_constant)
         if seeds:
-            found.append(Finding(f"{paper}: {label} below the full method (the paper: {theirs - full:+.4f})",
+            found.append(Finding(f"{ab.name}: {label} below the full method (the paper: {drop:+.4f})",
                                  here(summary, v, base, d, at_constant), d < 0, "within" if within else "beyond",
-                                 f"Grid `{grid}`"))
-        L.append(f"- {label} (`{v}`): the paper {theirs - full:+.4f}; here {d:+.4f} ({how}): "
-                 + ("agrees" if d < 0 else "does not agree") + (", but within the seed spread" if within else
-                                                                 ", beyond the seed spread") + ".")
+                                 f"Grid `{grid}`", line))
+        L += [f"- {label} (`{v}`): the paper {theirs:.{ab.digits}f} vs {ab.full:.{ab.digits}f}, "
+              + (f"its printed drop {printed:+.4f}" if printed is not None else f"a drop of {drop:+.4f}")
+              + f"; here {d:+.4f} ({how}): " + ("agrees" if d < 0 else "does not agree")
+              + (", but within the seed spread" if within else ", beyond the seed spread") + ".", f"  - {line}"]
     if grid == "ablation-mtl-lora" and "n-1" in summary:   # the paper: n = 1 falls below LoRA-MT
         lora = base.replace("mtl-lora", "lora-mt", 1)
         rs = [dict(r, variant=lora) for r in records if f"{r['grid']}/{r['variant']}" == lora]
         if rs:
             both = {**summary, **summarise(rs)}
             d, _, how = verdict(both, "n-1", lora)       # how surely; its wording is for "above", this claim is "below"
+            text, printed = N1_BELOW_LORA_MT
+            line = protos.line("mtl-lora", [("n-1", cells.get("n-1", [])), (lora, rs)], at_constant)
             if how:
-                found.append(Finding("MTL-LoRA's text: with n = 1 below LoRA-MT",
-                                     here(both, "n-1", lora, d, at_constant), d < 0, how, f"Grid `{grid}`"))
-            L.append(f"- MTL-LoRA's text: with n = 1 MTL-LoRA falls below LoRA-MT (its Table 5: 0.8886 vs 0.8887). "
-                     f"Here `n-1` − `{lora}` = {d:+.4f} ({compare(both, 'n-1', lora)}): "
-                     + ("agrees" if d < 0 else "does not agree") + ".")
+                found.append(Finding(text, here(both, "n-1", lora, d, at_constant), d < 0, how, f"Grid `{grid}`",
+                                     line))
+            L += [f"- {text} (the paper: {printed}). Here `n-1` − `{lora}` = {d:+.4f} "
+                  f"({compare(both, 'n-1', lora)}): " + ("agrees" if d < 0 else "does not agree") + ".", f"  - {line}"]
     L.append("")
     if need:
         L += [f"Within the spread on fewer than 3 seeds, so by the grid's rule (one seed unless the effect is within "
@@ -218,10 +229,19 @@ def fewshot_reference(v: str) -> str:
     return v.replace("more-", "lora-mt-", 1).removesuffix("-t1")
 
 
-def fewshot_section(summary: dict, order: list[str], grid: str,
-                    at_constant: dict[str, set[str]]) -> tuple[list[str], list[Finding]]:
-    """MoRE's Table 4 on the few-shot grid: each MoRE cell against LoRA-MT at the same task and k,
-    and the -t1 cells (|T| = 1) against MoRE's kept |T| (not a claim)."""
+def fewshot_claim(v: str) -> str:
+    """MoRE's Table 4 claim for a few-shot MoRE cell, with what the table prints at its task and k."""
+    m = re.fullmatch(r"more-(\w+)-k(\d+)", v)
+    nums = TABLE4.get((m.group(1), int(m.group(2)))) if m else None
+    task = m and TASK_NAMES.get(m.group(1), TASK_NAMES.get(f"superglue_{m.group(1)}", m.group(1)))
+    return FEWSHOT_CLAIM + (f" ({task}, k = {m.group(2)}: MoRE {nums[0]} vs LoRA {nums[1]})" if nums else "")
+
+
+def fewshot_section(summary: dict, order: list[str], grid: str, at_constant: dict[str, set[str]],
+                    cells: dict[str, list[dict]], protos) -> tuple[list[str], list[Finding]]:
+    """MoRE's Table 4 on the few-shot grid: each MoRE cell against LoRA-MT at the same task and k
+    (the table's LoRA; our LoRA-MT is the GLUE run's LoRA, transferred as MoRE is), and the -t1
+    cells (|T| = 1) against MoRE's kept |T| (not a claim)."""
     L, found = [], []
     pairs = [(v, fewshot_reference(v)) for v in order if v.startswith("more-") and not v.endswith("-t1")
              and fewshot_reference(v) in summary]
@@ -229,11 +249,11 @@ def fewshot_section(summary: dict, order: list[str], grid: str,
         L += ["### What agrees with MoRE's Table 4 and what does not", ""]
         for v, r_ in pairs:
             d, said, how = verdict(summary, v, r_)
-            L.append(f"- MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer. `{v}` − `{r_}` = "
-                     f"{d:+.4f}: {said}.")
+            line = protos.line("more", [(v, cells.get(v, [])), (r_, cells.get(r_, []))], at_constant)
+            L += [f"- {fewshot_claim(v)}. `{v}` − `{r_}` = {d:+.4f}: {said}.", f"  - {line}"]
             if how:
-                found.append(Finding("MoRE (Table 4): MoRE above LoRA-MT after few-shot transfer",
-                                     here(summary, v, r_, d, at_constant), d > 0, how, f"Grid `{grid}`"))
+                found.append(Finding(fewshot_claim(v), here(summary, v, r_, d, at_constant), d > 0, how,
+                                     f"Grid `{grid}`", line))
         L += [""] + caveats(summary, order, [(v, r_, "") for v, r_ in pairs])
     other = [(v, v.removesuffix("-t1")) for v in order if v.endswith("-t1") and v.removesuffix("-t1") in summary]
     if other:

@@ -14,23 +14,26 @@ from experiments.replication.claims import (PAPER_ABLATIONS, Finding, ablation_s
                                             fewshot_section, findings_section, merge_at_constant, more_seeds_lines,
                                             table_claims)
 from experiments.replication.figures import average_figure, rank_figure
-from experiments.replication.tables import (across_tables, constant_lines, constant_row, machines_line, plan_section,
-                                            table)
-from experiments.summary import COLLAPSE_PEARSON, collapsed, load_results, main_value, summarise
+from experiments.replication.protocol import Protocols
+from experiments.replication.tables import (across_tables, constant_lines, constant_row, machines_line, marks_lines,
+                                            plan_section, table)
+from experiments.summary import (COLLAPSE_PEARSON, collapsed, load_results, main_value, split_inits, summarise,
+                                 weights_init)
 
 
 def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | None, ref, tab: dict, grid: str,
-                  figs: Path, rel, consts: dict | None, at_constant: dict[str, set[str]]
+                  figs: Path, rel, consts: dict | None, at_constant: dict[str, set[str]], protos: Protocols
                   ) -> tuple[list[str], list[Finding], dict[str, set[str]]]:
     """One table of a grid (its variants vs, compared with ref, and the best constant predictor of
-    their test sets), the cells that collapsed, and for a table with "claims" the averages' figure
-    and the papers' claims checked on its numbers. at_constant: what the tables before it found at or
-    below the best constant; returns the lines, the findings and what this table found there."""
+    their test sets), its marks' footnotes, the cells that collapsed, and for a table with "claims"
+    the averages' figure and the papers' claims checked on its numbers, each with its protocol line.
+    at_constant: what the tables before it found at or below the best constant; returns the lines,
+    the findings and what this table found there."""
     suffix = tab.get("suffix", "")
     const, missing = constant_row(rs, vs, consts)
     L = [f"### {tab['title']}", "", tab.get("about", ""), ""] if tab.get("title") else []
     below, low = constant_lines(summary, vs, const, missing)
-    L += table(summary, vs, bench, ref, suffix, const) + [""] + below
+    L += table(summary, vs, bench, ref, suffix, const) + [""] + marks_lines(summary, vs) + below
     gone = [f"`{v}` s{k}" for v in vs for k in summary[v]["collapsed"]]
     if gone:
         ok = [main_value("stsb", r["metrics"]["tasks"]["stsb"]) for r in rs
@@ -50,19 +53,38 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
         f = average_figure(summary, vs, figs / f"{grid}-averages{suffix}.png", tab.get("title", "Main grid"))
         if f:
             L += [f"![GLUE average per seed]({rel(f)})", ""]
+        cells = {v: [r for r in rs if r["variant"] == v] for v in summary}
         lines, found = table_claims(summary, vs, suffix, tab.get("title", f"Grid `{grid}`"),
-                                    merge_at_constant(at_constant, low))
+                                    merge_at_constant(at_constant, low), cells, protos)
         L += lines
     return L, found, low
 
 
+def with_init_rows(names: list[str], summary: dict) -> list[str]:
+    """names, each followed by its init-split rows (summary.split_inits: "<v> [old init]")."""
+    return [x for v in names for x in [v, *sorted(w for w in summary if w.startswith(v + " ["))] if x in summary]
+
+
+def not_run_lines(name: str, tab: dict, missing: list[str]) -> list[str]:
+    """A table's variants without a finished cell, and the command that runs them."""
+    if not missing:
+        return []
+    every = len(missing) == len(tab["variants"])
+    return [("Not yet run: no cell of this table has finished" if every else
+             f"Not yet run: {', '.join(f'`{v}`' for v in missing)} (no finished cell)")
+            + f": `python experiments/run.py experiments/grids/{name}.json --variants {','.join(missing)}`.", ""]
+
+
 def grid_section(name: str, rs: list[dict], records: list[dict], bench: dict | None, consts: dict | None,
-                 figs: Path, rel, at_constant: dict[str, set[str]]
+                 figs: Path, rel, at_constant: dict[str, set[str]], protos: Protocols
                  ) -> tuple[list[str], list[Finding], list[str], dict[str, set[str]]]:
-    """A grid's section: its tables (as its grid file splits them), each variant against its
-    counterparts in the other tables, the papers' ablation or few-shot claims, MoRE's ranks. Returns
-    the lines, the findings, the ablation rows that still need seeds, and at_constant with what
-    this grid's tables found at or below the best constant added."""
+    """A grid's section: its tables (as its grid file splits them; a table with no finished cell
+    says so and gives its command), each variant against its counterparts in the other tables, the
+    papers' ablation or few-shot claims, MoRE's ranks. Cells of one variant with two MTL-LoRA w_t
+    inits are split into two rows (summary.split_inits), and a baseline from another grid keeps
+    only the cells of this grid's init. Returns the lines, the findings, the ablation rows that
+    still need seeds, and at_constant with what this grid's tables found at or below the best
+    constant added."""
     path = ROOT / "experiments" / "grids" / f"{name}.json"
     spec = json.loads(path.read_text()) if path.is_file() else {"variants": sorted({r["variant"] for r in rs})}
     L = [f"## Grid `{name}`", "", spec.get("about", ""), "",
@@ -75,30 +97,43 @@ def grid_section(name: str, rs: list[dict], records: list[dict], bench: dict | N
     found, need = [], []
     base = spec.get("baseline")                        # "grid/variant": another grid's cells, the first row
     if base:
-        rs = [dict(r, variant=base) for r in records if f"{r['grid']}/{r['variant']}" == base] + rs
+        base_rs = [dict(r, variant=base) for r in records if f"{r['grid']}/{r['variant']}" == base]
+        own = {weights_init(r) for r in rs} - {None}
+        if len(own) == 1:                              # this grid's rows are of one init: the baseline's too
+            kept = [r for r in base_rs if weights_init(r) in own]
+            if len(kept) < len(base_rs):
+                L += [f"`{base}`: {len(base_rs) - len(kept)} of its cells started w_t otherwise than this grid's "
+                      "rows and are left out of it.", ""]
+            base_rs = kept
+        rs = base_rs + rs
+    rs = split_inits(rs)
     summary = summarise(rs)
-    order = [v for v in [base, *spec["variants"]] if v in summary]
+    order = with_init_rows([v for v in [base, *spec["variants"]] if v], summary)
     # A grid may split its variants into tables (the main grid: one per shared lr); each table's
     # variants are BENCH_NAME's names plus the table's suffix, compared within the table.
     tables = spec.get("tables") or [{"variants": order, "claims": name == "main"}]
     for tab in tables:
-        vs, suffix = [v for v in tab["variants"] if v in summary], tab.get("suffix", "")
+        vs, suffix = with_init_rows(tab["variants"], summary), tab.get("suffix", "")
+        missing = [v for v in tab["variants"] if v not in summary and not any(w.startswith(v + " [") for w in vs)]
         if not vs:
+            L += ([f"### {tab['title']}", "", tab.get("about", ""), ""] if tab.get("title") else [])
+            L += not_run_lines(name, tab, missing)
             continue
         ref = "lora-mt" + suffix if "lora-mt" + suffix in summary else None
         ref = (base or vs[0]) if ref is None and name.startswith("ablation") else ref
         ref = fewshot_reference if name == "fewshot" else ref   # MoRE against LoRA-MT at the same task and k
-        lines, f, low = table_section(summary, rs, vs, bench, ref, tab, name, figs, rel, consts, at_constant)
-        L += lines
+        lines, f, low = table_section(summary, rs, vs, bench, ref, tab, name, figs, rel, consts, at_constant, protos)
+        L += lines + not_run_lines(name, tab, missing)
         found += f
         at_constant = merge_at_constant(at_constant, low)
     L += across_tables(summary, tables)
+    cells = {v: [r for r in rs if r["variant"] == v] for v in summary}
     if name in PAPER_ABLATIONS and base in summary:
-        lines, f, need = ablation_section(summary, name, base, records, at_constant)
+        lines, f, need = ablation_section(summary, name, base, records, at_constant, cells, protos)
         L += lines
         found += f
     if name == "fewshot":
-        lines, f = fewshot_section(summary, order, name, at_constant)
+        lines, f = fewshot_section(summary, order, name, at_constant, cells, protos)
         L += lines
         found += f
     more = "more" + next((t.get("suffix", "") for t in tables if t.get("claims")), "")
@@ -142,14 +177,15 @@ def write(results: Path, out: Path, bench_path: Path, analyses: Path | None = No
     more_seeds: list[tuple[str, list[str]]] = []       # (ablation grid, its rows that need seeds 1 and 2)
     at_constant: dict[str, set[str]] = {}              # variant -> tasks where its mean is at or below the best constant
     at = len(L)                                        # the summary goes here, once every section has run
+    protos = Protocols(records)
     for name, rs in grids.items():
-        lines, f, need, at_constant = grid_section(name, rs, records, bench, consts, figs, rel, at_constant)
+        lines, f, need, at_constant = grid_section(name, rs, records, bench, consts, figs, rel, at_constant, protos)
         L += lines
         found += f
         if need:
             more_seeds.append((name, need))
     for section in (probe_section, embeddings_section):
-        lines, f = section(Path(analyses), figs, rel)
+        lines, f = section(Path(analyses), figs, rel, protos, at_constant)
         L += lines
         found += f
     L[at:at] = more_seeds_lines(more_seeds) + findings_section(found)

@@ -12,6 +12,8 @@ from experiments.replication.names import BENCH_NAME, TASK_NAMES
 from experiments.stats import mean_std, paired_t
 from experiments.summary import data_key
 
+DIRTY = "‡"                     # a row with a cell run from a dirty tree (its result file's git.dirty)
+
 
 def pm(ms: tuple[float, float], n: int) -> str:
     return f"{ms[0]:.4f}" if n == 1 else f"{ms[0]:.4f} ± {ms[1]:.4f}"
@@ -40,12 +42,13 @@ def table(summary: dict, order: list[str], bench: dict | None, reference, suffix
     for v in order:
         s = summary[v]
         step = "–"
-        name = BENCH_NAME.get(v.removesuffix(suffix) if suffix else v)
+        plain = v.split(" [")[0]                       # without split_inits' init tag
+        name = BENCH_NAME.get(plain.removesuffix(suffix) if suffix else plain)
         if bench and name in bench["training"]:
             step = f"{bench['training'][name]['vs_lora']['median']:.2f}"
         seeds = str(s["n"]) + (f" ({len(s['collapsed'])} collapsed: " + ", ".join(f"s{k}" for k in s["collapsed"])
                                + ")" if s["collapsed"] else "")
-        cells = [v, seeds] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
+        cells = [label(summary, v), seeds] + [pm(s["tasks"][t], s["n"]) if t in s["tasks"] else "–" for t in tasks]
         cells += [f"**{pm(s['average'], s['n'])}**", f"{s['trainable_percent']:.3f}" if s["trainable_percent"] else "–",
                   step]
         if reference:
@@ -60,6 +63,41 @@ def table(summary: dict, order: list[str], bench: dict | None, reference, suffix
         cells += ["–"] if reference else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def label(summary: dict, v: str) -> str:
+    """A row's variant as the table names it: with its w_t init's tag where that is not the default
+    (MTL-LoRA's "[old init]") and the dirty-tree mark."""
+    tags = [t.split(" (")[0] for t in summary[v].get("inits", [])]
+    return (v + "".join(f" [{t}]" for t in tags if f"[{t}]" not in v)
+            + (f" {DIRTY}" if summary[v].get("dirty") else ""))
+
+
+def marks_lines(summary: dict, vs: list[str]) -> list[str]:
+    """The footnotes of a table's marks: what each init tag means, and the cells run from a dirty
+    tree, by variant and seed."""
+    L = []
+    for full in sorted({t for v in vs for t in summary[v].get("inits", [])}):
+        tag, meaning = full.split(" (", 1)
+        meaning = meaning[:-1]                         # "w_t ~ N(0, τ²)"
+        L += [f"[{tag}]: MTL-LoRA cells whose w_t started as {meaning}, the library's default before "
+              "the official code's Kaiming-uniform (their result files have no `metrics.method_options`, or name "
+              f"this init); cells of two inits never share a row or a comparison." if tag == "old init" else
+              f"[{tag}]: MTL-LoRA cells whose w_t started as {meaning}.", ""]
+    marked = [f"`{v}` " + ", ".join(f"s{k}" for k in summary[v]["dirty"]) for v in vs if summary[v].get("dirty")]
+    if marked:
+        L += [f"{DIRTY} ran from a working tree with uncommitted changes (`git.dirty` in the result file), so the "
+              f"commit it names is not all of what ran: {'; '.join(marked)}.", ""]
+    return L
+
+
+def same_init(summary: dict, v: str, w: str) -> tuple[str, str] | None:
+    """(v, w), or the init-split rows of the two (split_inits) whose inits agree; None if none do."""
+    for a in [v] + [x for x in summary if x.startswith(v + " [")]:
+        for b in [w] + [x for x in summary if x.startswith(w + " [")]:
+            if a in summary and b in summary and summary[a].get("inits") == summary[b].get("inits"):
+                return a, b
+    return None
 
 
 def constant_row(rs: list[dict], vs: list[str], consts: dict | None) -> tuple[dict | None, list[str]]:
@@ -145,15 +183,17 @@ def across_tables(summary: dict, tables: list[dict]) -> list[str]:
     first, sfx = tables[0], tables[0].get("suffix", "")
     L = []
     for tab in tables[1:]:
-        pairs = [(v, v.removesuffix(sfx) + tab.get("suffix", "")) for v in first["variants"]]
-        pairs = [(v, w) for v, w in pairs if v in summary and w in summary]
+        pairs = [same_init(summary, v, v.removesuffix(sfx) + tab.get("suffix", ""))   # never two w_t inits
+                 for v in first["variants"]]
+        pairs = [p for p in pairs if p]
         if not pairs:
             continue
         L += [f"### {first.get('label', first.get('title'))} against {tab.get('label', tab.get('title'))}, "
               "variant by variant", "",
               "| variant | average | counterpart | average | difference (paired t over the shared seeds) |",
               "|---|---:|---|---:|---|"]
-        L += [f"| {v} | {pm(summary[v]['average'], summary[v]['n'])} | {w} | {pm(summary[w]['average'], summary[w]['n'])}"
+        L += [f"| {label(summary, v)} | {pm(summary[v]['average'], summary[v]['n'])} | {label(summary, w)} | "
+              f"{pm(summary[w]['average'], summary[w]['n'])}"
               f" | {compare(summary, v, w)} |" for v, w in pairs]
         L.append("")
     return L

@@ -14,7 +14,11 @@ from mtlref.metrics import COMMONSENSE_TASKS, GLUE_TASKS
 # A bench's default tasks are those with a training set (3 commonsense sets ship their evaluation
 # files only; SuperGLUE BoolQ trains on one half of its validation file, data/tasks.py);
 # --tasks may still name the others, and training then says why not.
-VAL_SIZE = 120       # commonsense: questions per task held out of train for selection (LLM-Adapters' val_set_size)
+# Commonsense: the questions of each task held out of its training set to select the step on.
+# Ours: LLM-Adapters' commands hold out 120 of the merged training set (val_set_size, about 15 a
+# task) and keep the lowest validation loss; here the selection reads each task's accuracy, so
+# each task gets its own 120.
+VAL_SIZE = 120
 BENCHES = {"glue": list(GLUE_TASKS),
            "superglue": [n for n in SUPERGLUE_TASKS if "train" in get_spec(n).files],
            "commonsense": [n for n in COMMONSENSE_TASKS if "train" in get_spec(n).files]}
