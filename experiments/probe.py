@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from mtlref.adapters import adapters_of
+from mtlref.adapters.io import recorded_options
 from mtlref.data.collate import eval_batches
 from mtlref.heads import family
 from mtlref.data.loading import load_data
@@ -107,7 +108,7 @@ def features(run_dir: Path, per_task: int, seed: int, module: str | None, data_d
         for h in hooks:
             h.remove()
     return {"run": str(run_dir), "method": cfg["method"], "module": module, "split": split, "labels": labels,
-            "counts": counts, **{s: torch.cat(v).numpy() for s, v in feats.items()}}
+            "counts": counts, "options": recorded_options(cfg, run_dir / "adapter_config.json"), **{s: torch.cat(v).numpy() for s, v in feats.items()}}
 
 
 def make_classifier(name: str, C: float, seed: int):
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
         f = features(Path(run), args.per_task, args.seed, args.module, args.data_dir)
         fewer = {t: n for t, n in f["counts"].items() if n < args.per_task}
         r = out["runs"][run] = {"method": f["method"], "module": f["module"], "split": f["split"],
-                                "labels": f["labels"], "per_task_counts": f["counts"], "fewer": fewer}
+                                "labels": f["labels"], "per_task_counts": f["counts"], "fewer": fewer,
+                                "method_options": f["options"]}       # every option's value (MTL-LoRA's w_t init)
         for space in SPACES:
             r[space] = probe(f[space], f["labels"], args.seed, args.classifier, args.C, args.splits,
                              args.standardize, tsne=space != "adapter")

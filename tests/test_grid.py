@@ -292,8 +292,10 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
     # MTL-LoRA A.4's probe by default: a linear SVM, C = 1, one-vs-rest, 40/60, five split seeds
     assert (res["classifier"], res["C"], res["standardized"]) == ("svm", 1.0, False)
     assert res["probe_split"] == {"train": 0.4, "test": 0.6, "stratified": True, "seeds": [0, 1, 2, 3, 4]}
-    for run in res["runs"].values():
+    for run_name, run in res["runs"].items():
         assert run["per_task_counts"] == {"sentiment": 10, "pair": 10} and run["fewer"] == {}
+        saved = json.loads((Path(run_name) / "adapter_config.json").read_text())["options"]
+        assert run["method_options"] == saved                        # MTL-LoRA's w_t init among them
         for space, dim in (("low", cfg["rank"]), ("adapter", hidden), ("full", hidden)):
             r = run[space]
             assert 0.0 <= r["macro_f1"] <= 1.0 and r["dim"] == dim and len(r["macro_f1_splits"]) == 5
