@@ -179,3 +179,12 @@ def test_an_analysed_mtl_lora_runs_init_comes_from_the_analysis_or_its_cell():
     assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora"}) == "w_t init not recorded"
     assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora", "options": {"weights_init": "kaiming"}}) is None
     assert run_init(protos, "runs/main/mtl-lora-lr5e-4/s0", {"method": "lora"}) is None
+
+
+def test_an_init_split_row_appears_once_even_when_named():
+    """The ablation table names its rows from the summary, old-init rows included: each once."""
+    from experiments.replication.document import with_init_rows
+    summary = {"no-tau": {}, "no-tau [old init]": {}, "n-1 [old init]": {}}
+    assert with_init_rows(["no-tau", "no-tau [old init]", "n-1 [old init]"], summary) == \
+        ["no-tau", "no-tau [old init]", "n-1 [old init]"]
+    assert with_init_rows(["no-tau", "missing"], summary) == ["no-tau", "no-tau [old init]"]

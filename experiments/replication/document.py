@@ -61,8 +61,12 @@ def table_section(summary: dict, rs: list[dict], vs: list[str], bench: dict | No
 
 
 def with_init_rows(names: list[str], summary: dict) -> list[str]:
-    """names, each followed by its init-split rows (summary.split_inits: "<v> [old init]")."""
-    return [x for v in names for x in [v, *sorted(w for w in summary if w.startswith(v + " ["))] if x in summary]
+    """names, each followed by its init-split rows (summary.split_inits: "<v> [old init]"), each
+    row once (names may already hold a split row)."""
+    out: list[str] = []
+    for v in names:
+        out += [x for x in [v, *sorted(w for w in summary if w.startswith(v + " ["))] if x in summary and x not in out]
+    return out
 
 
 def not_run_lines(name: str, tab: dict, missing: list[str]) -> list[str]:
