@@ -5,12 +5,11 @@ paper prints for them, and the protocol line of the runs analysed (their result 
 the run directory; an MTL-LoRA run's w_t init from the analysis' options, else its result file)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from experiments.replication.claims import Finding
-from experiments.replication.figures import heat_map, pca_figure, tsne_figure
+from experiments.replication.figures import heat_map, pca_figure, pyplot, tsne_figure
 from experiments.replication.names import TASK_NAMES
 from experiments.replication.papers import EMBEDDING_CLAIMS, PROBE_CLAIMS
 from experiments.summary import INIT_LABELS, init_label
@@ -170,7 +169,7 @@ def embeddings_section(analyses: Path, figs: Path, rel, protos, at_constant: dic
         L += [f"Figure 2b, our reading of \"scaled down the influence of experts 1-3\" (the paper gives no "
               f"factor): each task's rank re-chosen with p_t of experts 1-3 multiplied by {res['scale_down']:g}. "
               f"{moved} of {total} (task, module) choices change."]
-        if importlib.util.find_spec("matplotlib") is not None:
+        if pyplot() is not None:
             m = [[res["scaled_rank_maps"][n][t] for n in names] for t in range(len(tasks))]
             fig = heat_map(m, tasks, names, f"MoRE: rank per task and module with experts 1-3 scaled by "
                            f"{res['scale_down']:g}", figs / f"{f.stem}-scaled-ranks.png")

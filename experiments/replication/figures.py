@@ -15,6 +15,17 @@ def short_module(n: str) -> str:
             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out"))
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None without matplotlib (the
+    analysis extra): then no figure is drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save(fig, path: Path, dpi: int) -> str:
     """Lay the figure out, write it to `path` (its folder made) and close it; -> the path."""
     import matplotlib.pyplot as plt
@@ -26,11 +37,8 @@ def save(fig, path: Path, dpi: int) -> str:
 
 
 def heat_map(m: list[list[int]], tasks: list[str], names: list[str], title: str, path: Path) -> str:
-    """A task × module map of chosen ranks (MoRE Figure 2a/2b)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
+    """A task × module map of chosen ranks (MoRE Figure 2a/2b); its callers checked pyplot()."""
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.22 * len(names)), 0.45 * len(tasks) + 1.6))
     im = ax.imshow(m, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(tasks)), [TASK_NAMES.get(t, t) for t in tasks])
     ax.set_xticks(range(len(names)), [short_module(n) for n in names], rotation=90, fontsize=6)
@@ -43,7 +51,7 @@ def rank_figure(records: list[dict], path: Path, variant: str = "more") -> str |
     """MoRE Figure 2a: the rank each task chose in each adapted module (the variant's first seed)."""
     r = next((r for r in sorted(records, key=lambda r: r["seed"]) if r.get("rank_maps") and r["variant"] == variant),
              None)
-    if r is None or importlib.util.find_spec("matplotlib") is None:
+    if r is None or pyplot() is None:
         return None
     names = list(r["rank_maps"])
     tasks = [t for t in r["metrics"]["tasks"] if t != "mnli_mm"]          # mnli_mm uses mnli's id: no row
@@ -52,11 +60,9 @@ def rank_figure(records: list[dict], path: Path, variant: str = "more") -> str |
 
 
 def average_figure(summary: dict, order: list[str], path: Path, title: str = "Main grid") -> str | None:
-    if importlib.util.find_spec("matplotlib") is None or not order:
+    plt = pyplot()
+    if plt is None or not order:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, v in enumerate(order):
         ys = list(summary[v]["seeds"].values())
@@ -69,11 +75,9 @@ def average_figure(summary: dict, order: list[str], path: Path, title: str = "Ma
 
 
 def tsne_figure(res: dict, path: Path) -> str | None:
-    if importlib.util.find_spec("matplotlib") is None:
+    plt = pyplot()
+    if plt is None:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     runs = list(res["runs"].items())
     fig, axes = plt.subplots(len(runs), 2, figsize=(9, 4 * len(runs)), squeeze=False)
     for row, (name, r) in zip(axes, runs):
@@ -93,11 +97,9 @@ def tsne_figure(res: dict, path: Path) -> str | None:
 
 def pca_figure(res: dict, path: Path) -> str | None:
     """MoRE Figure 2c: the task embeddings of the last block's attention modules, PCA to 2-D."""
-    if importlib.util.find_spec("matplotlib") is None:
+    plt = pyplot()
+    if plt is None:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     mods = list(res["modules"].items())
     fig, axes = plt.subplots(1, len(mods), figsize=(3.2 * len(mods), 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], mods):
