@@ -9,6 +9,8 @@ For a fixed task t every task-conditioned method is one LoRA, ΔW_t = B_t A_t (e
     MoELoRA         A, s·B·diag(g_t, each expert's weight on its rank columns)     rank r
     MTL-LoRA        Λ_t A, s·Σ_i softmax(w_t/τ)_i B^i                              rank r
     MoRE            the rank columns task t uses, A[S_t] and (B·weights)[:, S_t]  rank r_t
+    Poly / MHR      A_tᵀ, s·B_tᵀ: task t's skills mixed by its eval weights (σ, normalised)  rank r
+    MoSLoRA         M A, s·B (the mixer folded into A; the same LoRA for every task)        rank r
 Because the scales are in B, every module's lora_alpha equals its rank (peft's scaling α/r is
 1): exact, and the simplest config. Where ranks differ between modules (MoRE: r_t per module)
 the config carries rank_pattern = alpha_pattern; uniform_rank=True instead pads every module
@@ -16,7 +18,8 @@ with zero rank columns to the largest rank (the same ΔW) for servers that read 
 MPT's row blocks (Wqkv.q/k/v, each with its own adapter) are not modules peft can target: they
 become one Wqkv LoRA with A = [A_q; A_k; A_v] and B block-diagonal, the same ΔW exactly.
 MixLoRA routes every token to its own experts, which no LoRA can write; attention_only=True
-exports its attention LoRAs and leaves the FFN experts out (and says so).
+exports its attention LoRAs and leaves the FFN experts out (and says so). HydraLoRA mixes its
+up-projections per token everywhere it sits, so nothing of it can be exported (an error says so).
 
 Keys: base_model.model.<module path>.lora_A.weight [k, in], .lora_B.weight [out, k] and, for
 DoRA, .lora_magnitude_vector [out]: mtlref's module paths are the Hugging Face ones

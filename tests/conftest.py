@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtlref.layers import AdaptedLinear
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "weights" / "fixtures"
@@ -135,3 +137,14 @@ def t5_real_vocab(tmp_path_factory) -> Path:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copy(spiece, out / "spiece.model")
     return out
+
+
+def make_slot(fin=12, fout=10, bias=True, dtype=torch.float32, seed=0) -> AdaptedLinear:
+    """A frozen AdaptedLinear with seeded weights 0.3·N(0, 1): the slot the equation tests adapt."""
+    g = torch.Generator().manual_seed(seed)
+    slot = AdaptedLinear(fin, fout, bias=bias)
+    with torch.no_grad():
+        slot.weight.copy_(0.3 * torch.randn(fout, fin, generator=g))
+        if bias:
+            slot.bias.copy_(0.3 * torch.randn(fout, generator=g))
+    return slot.to(dtype).requires_grad_(False)

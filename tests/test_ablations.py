@@ -11,22 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import make_slot
 from mtlref.adapters import REGISTRY, attach_adapters, load_adapters, merge_adapters, save_adapters
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext
 
 T, R, ALPHA = 3, 4, 8.0
 S = ALPHA / R
 TASKS = torch.tensor([2, 0, 1, 2])
-
-
-def make_slot(fin=12, fout=10, bias=True, seed=0) -> AdaptedLinear:
-    g = torch.Generator().manual_seed(seed)
-    slot = AdaptedLinear(fin, fout, bias=bias)
-    with torch.no_grad():
-        slot.weight.copy_(0.3 * torch.randn(fout, fin, generator=g))
-        if bias:
-            slot.bias.copy_(0.3 * torch.randn(fout, generator=g))
-    return slot.requires_grad_(False)
 
 
 def randomise(module: nn.Module, seed=1, scale=0.3) -> nn.Module:

@@ -7,22 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import make_slot
 from mtlref.adapters import REGISTRY
 from mtlref.layers import AdaptedLinear, FeedForward, ForwardContext
 
 T, R, ALPHA = 3, 4, 8.0
 S = ALPHA / R
 TASKS = torch.tensor([2, 0, 1, 2])
-
-
-def make_slot(fin=12, fout=10, bias=True, dtype=torch.float32, seed=0) -> AdaptedLinear:
-    g = torch.Generator().manual_seed(seed)
-    slot = AdaptedLinear(fin, fout, bias=bias)
-    with torch.no_grad():
-        slot.weight.copy_(0.3 * torch.randn(fout, fin, generator=g))
-        if bias:
-            slot.bias.copy_(0.3 * torch.randn(fout, generator=g))
-    return slot.to(dtype).requires_grad_(False)
 
 
 def randomise(module: nn.Module, seed=1) -> nn.Module:

@@ -31,12 +31,16 @@ MODELS = list(TARGETS)
 VARIANTS = {"lora": ("lora", {}), "lora-st": ("lora", {"per_task": True}), "dora": ("dora", {}),
             "multilora": ("multilora", {}), "moelora": ("moelora", {"num_experts": 4, "task_dim": 8}),
             "mixlora": ("mixlora", {"num_experts": 4, "top_k": 2}), "mtl-lora": ("mtl-lora", {}),
-            "mtl-lora-full": ("mtl-lora", {"full_lambda": True}), "more": ("more", {})}
+            "mtl-lora-full": ("mtl-lora", {"full_lambda": True}), "more": ("more", {}),
+            "hydralora": ("hydralora", {"num_heads": 3}), "moslora": ("moslora", {}),
+            "moslora-identity": ("moslora", {"mixer_init": "identity"}), "poly": ("poly", {"num_skills": 2}),
+            "mhr": ("poly", {"num_skills": 2, "num_splits": 2})}
 MERGEABLE = [v for v, (m, _) in VARIANTS.items() if REGISTRY[m].mergeable]
 # What starts at zero so that ΔY = 0 at init, per method (each paper's init): LoRA's B, MultiLoRA's
 # per-branch scales; DoRA none (m = ‖W‖_c makes W' = W, exact only up to rounding in the norm).
 ZERO_AT_INIT = {"lora": {"lora_B"}, "dora": set(), "multilora": {"lora_scale"}, "moelora": {"lora_B"},
-                "mixlora": {"lora_B"}, "mtl-lora": {"lora_B"}, "more": {"lora_B"}}
+                "mixlora": {"lora_B"}, "mtl-lora": {"lora_B"}, "more": {"lora_B"}, "hydralora": {"lora_B"},
+                "moslora": {"lora_B"}, "poly": {"poly_lora_B"}}
 
 
 # ----------------------------------------------------------------------------- a toy backbone
@@ -351,6 +355,25 @@ def test_trainable_counts_match_more_table6(method):
     assert trainable == expected
     assert total == count_parameters(base)[1] + trainable
     assert percent == pytest.approx(100 * trainable / total)
+
+
+@pytest.mark.parametrize("variant", ["poly", "mhr", "hydralora", "moslora"])
+def test_trainable_counts_of_the_later_methods(variant):
+    """Per adapted module (in i, out o, rank r, T tasks): Poly/MHR S·r(i+o) + T·Q·S (S skills of
+    A and B, cut into Q heads, and the routing logits); HydraLoRA r·i + N·r·o + N·i (one A, N
+    heads B_i, the router); MoSLoRA r(i+o) + r² (the mixer)."""
+    base = base_model("t5-tiny")
+    r, T, S, Q, N = 8, NUM_TASKS, 3, 2, 5
+    targets = ["q", "k", "v", "o", "wi", "wo"]
+    method, options, per_module = {
+        "poly": ("poly", {"num_skills": S}, lambda i, o: S * r * (i + o) + T * S),
+        "mhr": ("poly", {"num_skills": S, "num_splits": Q}, lambda i, o: S * r * (i + o) + T * Q * S),
+        "hydralora": ("hydralora", {"num_heads": N}, lambda i, o: r * i + N * r * o + N * i),
+        "moslora": ("moslora", {}, lambda i, o: r * (i + o) + r * r),
+    }[variant]
+    model = attach_adapters(copy.deepcopy(base), method, targets, num_tasks=T, rank=r, alpha=16, **options)
+    mods = [(m.in_features, m.out_features) for _, m in t5_slots(model, targets)]
+    assert count_parameters(model)[0] == sum(per_module(i, o) for i, o in mods)
 
 
 def test_a_failed_attach_leaves_the_model_untouched():

@@ -23,7 +23,8 @@ EXPORTABLE = {"lora": ("lora", {}), "lora-st": ("lora", {"per_task": True}), "do
               "multilora": ("multilora", {}), "moelora": ("moelora", {"num_experts": 4, "task_dim": 8}),
               "mtl-lora": ("mtl-lora", {}), "mtl-lora-full": ("mtl-lora", {"full_lambda": True}),
               "more": ("more", {}), "more-official": ("more", {"official": True}),
-              "more-subset": ("more", {"selection": "subset"})}
+              "more-subset": ("more", {"selection": "subset"}), "poly": ("poly", {"num_skills": 2}),
+              "moslora": ("moslora", {})}
 NUM_TASKS = 3
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, need
 from mtlref import load_model
-from mtlref.adapters import (DoRA, LoRA, MixLoRA, MoELoRA, MoRE, MTLLoRA, MultiLoRA, adapters_of, attach_adapters,
+from mtlref.adapters import (DoRA, LoRA, MixLoRA, MoELoRA, MoRE, MoSLoRA, MTLLoRA, MultiLoRA, Poly, adapters_of, attach_adapters,
                              save_adapters, slots_of)
 from mtlref.commands import export_main
 from mtlref.export import PEFT_CONFIG, PEFT_WEIGHTS, export_merged, export_peft
@@ -60,6 +60,9 @@ VARIANTS = {                                             # every method that exp
     "more-soft": ("more", {"selection": "soft", "scale_tasks": 5}),
     "more-subset": ("more", {"selection": "subset"}),
     "more-official": ("more", {"official": True}),
+    "poly": ("poly", {"num_skills": 2}),
+    "mhr": ("poly", {"num_skills": 2, "num_splits": 2}),
+    "moslora": ("moslora", {}),
 }
 MIXLORA_FAMILIES = ["llama-tiny", "mpt-tiny", "t5-tiny", "bert-tiny"]
 ERRORS: dict[str, float] = {}                            # the largest error seen per kind (pytest -s prints it)
@@ -97,7 +100,8 @@ def build(family: str, method: str, options: dict, seed: int = 0, num_tasks: int
                 a.task_embedding[-1].zero_()
     for n, a in adapters_of(model).items():
         if n in ra:
-            assert a.lora_A.shape[-2] == ra[n][0], n                   # the pattern took
+            A = a.poly_lora_A.transpose(-1, -2) if isinstance(a, Poly) else a.lora_A
+            assert A.shape[-2] == ra[n][0], n                           # the pattern took
     return model.eval(), ra
 
 
@@ -140,7 +144,16 @@ def reference(adapter, W: torch.Tensor, t: int, r: int, alpha: float, options: d
     """(W + ΔW_t in float64, the rank of task t's LoRA as the export table of mtlref/export.py
     states it), from the adapter's tensors and its docstring's equation; s = α/r."""
     W, s = d(W), alpha / r
+    if isinstance(adapter, Poly):                       # ΔW = s (A_t B_t)ᵀ, eval weights w = σ(ℓ_t)/Σ_s σ(ℓ_t)
+        Q, S = options.get("num_splits", 1), options["num_skills"]
+        z = torch.sigmoid(d(adapter.module_logits[t]).view(Q, S))
+        w = z / z.sum(-1, keepdim=True)
+        A = torch.cat([sum(w[q, k] * d(adapter.poly_lora_A[q, k]) for k in range(S)) for q in range(Q)], 0)
+        B = torch.cat([sum(w[q, k] * d(adapter.poly_lora_B[q, k]) for k in range(S)) for q in range(Q)], 1)
+        return W + s * (A @ B).T, r                     # heads: A_t's rows (in), B_t's columns (out)
     A, B = d(adapter.lora_A), d(adapter.lora_B)
+    if isinstance(adapter, MoSLoRA):                    # ΔW = s B M A
+        return W + s * B @ d(adapter.lora_mixer) @ A, r
     if isinstance(adapter, DoRA):                       # W' = m ⊙ V/‖V‖_c, V = W + s B A
         V = W + s * B @ A
         return d(adapter.magnitude)[:, None] * V / V.norm(dim=1, keepdim=True), r

@@ -22,7 +22,8 @@ def test_no_file_asks_which_adapter_class_it_holds():
     """A method's particulars live in its own file (mtlref/adapters/<method>.py): code elsewhere
     asks the adapter through the Adapter interface's hooks, never isinstance(x, MoRE)."""
     names = {cls.__name__: Path(inspect.getfile(cls)).resolve() for cls in REGISTRY.values()}
-    assert set(names) == {"LoRA", "DoRA", "MultiLoRA", "MoELoRA", "MixLoRA", "MTLLoRA", "MoRE"}
+    assert set(names) == {"LoRA", "DoRA", "MultiLoRA", "MoELoRA", "MixLoRA", "MTLLoRA", "MoRE", "HydraLoRA", "MoSLoRA",
+                          "Poly"}
     files = sorted((ROOT / "mtlref").rglob("*.py")) + sorted(ROOT.glob("*.py"))
     assert ROOT / "mtlref" / "export.py" in files and ROOT / "train.py" in files
     offenders = [f"{path.relative_to(ROOT)}:{line}: {call}"

@@ -34,6 +34,10 @@ METHODS = {
     "mixlora": dict(rank=8, alpha=16, num_experts=8, top_k=2),
     "mtl-lora": dict(rank=8, alpha=16, num_up=3, tau=0.5),
     "more": dict(rank=8, alpha=16, tau=0.05),
+    # the methods that came after both papers, at the same rank and their own defaults
+    "poly": dict(rank=8, alpha=16, num_skills=4, num_splits=1),
+    "hydralora": dict(rank=8, alpha=16, num_heads=4),
+    "moslora": dict(rank=8, alpha=16, mixer_init="kaiming"),
 }
 FLOOR = "floor"
 # Training-step time relative to LoRA in MoRE's comparison (MoRE paper).
