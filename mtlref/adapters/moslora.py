@@ -12,7 +12,7 @@ shows what the task-specific part buys. Mergeable: ΔW = s B M A, exported as th
 Mixer init. The paper is silent in its equations; the official code draws M Kaiming-uniform
 (a=√5), i.e. U(±1/√r), the default mixer_init="kaiming". The official code also lists, unused,
 orthogonal, Xavier, normal, zero and identity inits; two of them are switches here:
-  mixer_init="orthogonal"   M orthogonal (nn.init.orthogonal_): M A keeps A's row norms' scale
+  mixer_init="orthogonal"   M orthogonal (nn.init.orthogonal_): M A spans A's rows at A's scale
   mixer_init="identity"     M = I: exactly LoRA at init, a LoRA whose mixer then learns
 (a zero M is not offered: with B = 0 as well, neither receives a gradient, ever).
 """
