@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mtlref.adapters import adapters_of
-from mtlref.evaluate import load_run
+from mtlref import load_run
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -55,7 +55,8 @@ def scaled_ranks(adapter, scale: float, experts: int = 3) -> list[int]:
 
 
 def analyse(run_dir: Path, scale: float) -> dict:
-    cfg, specs, backbone, _, _ = load_run(run_dir)
+    run = load_run(run_dir)
+    cfg, specs, backbone = run.cfg, run.specs, run.backbone
     if cfg["method"] != "more":
         raise SystemExit(f"{run_dir}: method {cfg['method']!r}; this analysis reads MoRE's task embeddings")
     mods = {n: a for n, a in adapters_of(backbone).items() if getattr(a, "task_embedding", None) is not None}

@@ -52,7 +52,7 @@ from mtlref.adapters.io import recorded_options
 from mtlref.data.collate import eval_batches
 from mtlref.heads import family
 from mtlref.data.loading import load_data
-from mtlref.evaluate import load_run
+from mtlref import load_run
 from mtlref.objective import make_encoder
 
 MODULE = {"bert": "encoder.layer.{last}.attention.output.dense", "llama": "model.layers.{last}.self_attn.o_proj",
@@ -70,7 +70,8 @@ def pick(n: int, per_task: int, rng: np.random.Generator) -> list[int]:
 
 
 def features(run_dir: Path, per_task: int, seed: int, module: str | None, data_dir: str | None) -> dict:
-    cfg, specs, backbone, model, tok = load_run(run_dir)
+    run = load_run(run_dir)
+    cfg, specs, backbone, model, tok = run.cfg, run.specs, run.backbone, run.model, run.tok
     fam = family(backbone)
     names = list(adapters_of(backbone))
     if module is None:                     # block index: the third part of every family's module names

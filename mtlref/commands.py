@@ -1,4 +1,4 @@
-"""The command lines of train.py, eval.py and export.py (the scripts only call these mains), so
+"""The command lines of train.py, eval.py, predict.py and export.py (the scripts only call these mains), so
 that tests and other programs run a command without loading a script. Each main reads its flags
 and runs the library's work through cli() (mtlref/cli.py: one line and an exit code on a bad
 input, a diverged run or a failed write)."""
@@ -13,9 +13,10 @@ from mtlref.adapters import REGISTRY as METHODS
 from mtlref.cli import cli
 from mtlref.data.loading import VAL_SIZE
 from mtlref.data.samplers import SCHEMES
-from mtlref.evaluate import evaluate_run, load_run
+from mtlref.evaluate import evaluate_run
 from mtlref.export import export_head, export_merged, export_peft
 from mtlref.lora_st import train_single_task
+from mtlref.predict import check_paths, load_run, predict_file
 from mtlref.presets import PRESETS
 from mtlref.run import train
 from mtlref.settings import OBJECTIVES
@@ -125,6 +126,44 @@ def eval_main(argv=None, description: str | None = None) -> dict:
     return cli(evaluate_run, eval_args(argv, description))
 
 
+# ----------------------------------------------------------------------------- predict.py
+def predict_args(argv=None, description: str | None = None) -> argparse.Namespace:
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a train.py --out directory")
+    p.add_argument("--input", required=True,
+                   help='jsonl, one {"task", "text", "text_pair" (pair tasks), "id" (optional)} a line; - reads stdin')
+    p.add_argument("--out", default=None, help="one JSON line per row, in input order (default: stdout)")
+    p.add_argument("--scores", action="store_true", help="per-task heads: add each class's probability")
+    p.add_argument("--merged", action="store_true",
+                   help="run each task's rows through the base with its ΔW folded in (methods that merge)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="write each bad row with its reason to <out>.rejected.jsonl and go on (default: stop)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="commonsense (generative) runs: answer length")
+    p.add_argument("--model", default=None, help="default: the run's base model directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def predict_rows(args) -> dict:
+    """predict.py: load the run (after checking the files), stream --input through it."""
+    check_paths(args.input, args.out, args.skip_bad)
+    run = load_run(args.checkpoint, args.model, args.device)
+    counts = predict_file(run, args.input, args.out, args.batch_size, args.skip_bad, precision=args.precision,
+                          scores=args.scores, merged=args.merged, max_new_tokens=args.max_new_tokens)
+    if args.out:
+        print(f"wrote {args.out}: {counts['rows']:,} rows" + (f"; {counts['rejected']:,} rejected, in "
+                                                            f"{args.out}.rejected.jsonl" if args.skip_bad else ""))
+    return counts
+
+
+def predict_main(argv=None, description: str | None = None) -> dict:
+    return cli(predict_rows, predict_args(argv, description))
+
+
 # ----------------------------------------------------------------------------- export.py
 def export_args(argv=None, description: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,8 +186,9 @@ def export_args(argv=None, description: str | None = None) -> argparse.Namespace
 
 def export_run(args) -> list[Path]:
     """export.py: each asked task of a run in peft's format or merged, with its head."""
-    cfg, specs, backbone, model, _ = load_run(args.checkpoint, args.model, args.device)
-    names = [s.name for s in specs]
+    run = load_run(args.checkpoint, args.model, args.device)
+    cfg, backbone, model = run.cfg, run.backbone, run.model
+    names = [s.name for s in run.specs]
     if args.task != "all" and args.task not in names:
         raise ValueError(f"{args.checkpoint}: no task {args.task!r}; the run's tasks are {names} (or all)")
     model_dir = Path(args.model or cfg["model_dir"])

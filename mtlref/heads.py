@@ -8,7 +8,8 @@
 - Regression (STS-B): one output, trained with mean squared error on the 0-5 score.
 Seq2SeqLM is T5's own protocol instead of heads (MoRE Eq. 9): the decoder is trained with
 cross-entropy on the label's target text and evaluation generates the answer and parses it.
-Every model here answers `predict_batch(batch)` with one float prediction per sample.
+Every head model here answers `predict_batch(batch)` with one float prediction per sample; the
+LM (CausalLM, commonsense) answers in text: generate_answers, for eval.py and predict.py alike.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlref.data.templates import t5_label, t5_target
+from mtlref.data.templates import render, t5_label, t5_target
 from mtlref.generate import generate
 from mtlref.layers import ForwardContext
 
@@ -168,16 +169,20 @@ class Seq2SeqLM(nn.Module):
         return F.cross_entropy(out.flatten(0, 1), batch["target_ids"].flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def predict_batch(self, batch: dict) -> torch.Tensor:
-        """Greedy answers of one single-task batch, parsed: label id, score, or UNPARSED."""
-        t = int(batch["task_ids"][0])
-        if not bool((batch["task_ids"] == t).all()):
-            raise ValueError("Seq2SeqLM.predict_batch takes single-task batches (data.collate.eval_batches)")
+    def generate_answers(self, batch: dict) -> list[str]:
+        """Greedy answers, one string per sample. A batch may mix tasks: it generates up to the
+        longest limit of its tasks and cuts each row at its own task's, so a row's answer is the
+        one a single-task batch gives it (greedy rows do not depend on each other)."""
+        task_ids = batch["task_ids"].tolist()
         prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        outs = generate(self.backbone, self.tok, prompts, max_new_tokens=self.max_new_tokens[t],
+        outs = generate(self.backbone, self.tok, prompts, max_new_tokens=max(self.max_new_tokens[t] for t in task_ids),
                         task_ids=batch["task_ids"])
-        spec = self.tasks[t]
-        preds = [t5_label(spec.name, self.tok.decode(o, skip_special_tokens=True), spec) for o in outs]
+        return [self.tok.decode(o[: self.max_new_tokens[t]], skip_special_tokens=True) for o, t in zip(outs, task_ids)]
+
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        """The greedy answers parsed: label id, score, or UNPARSED."""
+        preds = [t5_label(self.tasks[t].name, answer, self.tasks[t])
+                 for t, answer in zip(batch["task_ids"].tolist(), self.generate_answers(batch))]
         return torch.tensor([float(p) for p in preds], device=batch["input_ids"].device)
 
 
@@ -196,3 +201,17 @@ class CausalLM(nn.Module):
     def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
         # logits at position i predict token i+1
         return F.cross_entropy(out[:, :-1].flatten(0, 1), batch["target_ids"][:, 1:].flatten(), ignore_index=-100)
+
+
+def generate_answers(backbone, tok, examples: list, task_ids: list[int], max_new_tokens: int = 32,
+                     temperature: float = 0.0, top_k=None, top_p=None, generator=None) -> list[str]:
+    """A decoder's answers to LLM-Adapters' prompts (commonsense): BOS + the prompt, keeping its
+    end where it is longer than the model's positions leave room for with max_new_tokens."""
+    device = next(backbone.parameters()).device
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    limit = getattr(backbone, "max_positions", None)
+    keep = None if limit is None else limit - max_new_tokens - len(bos)        # a long prompt keeps its end
+    prompts = [bos + tok.encode(render(ex.task, ex.text, ex.text_pair))[-keep if keep else 0:] for ex in examples]
+    outs = generate(backbone, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, generator=generator, task_ids=torch.tensor(task_ids, dtype=torch.long, device=device))
+    return [tok.decode(o) for o in outs]

@@ -278,7 +278,7 @@ def test_the_probe_reads_the_last_output_projection_of_each_run(tiny_bert, tiny_
     # the same examples read as the other task: LoRA-MT's A x is unchanged, MTL-LoRA's Λ_t A x is not;
     # the adapter's output ΔY averaged over tokens is B_t (A_t x averaged): the low features mapped up
     for m, same in (("lora", True), ("mtl-lora", False)):
-        cfg_m, specs, backbone, model, tok = probe.load_run(runs[m])
+        backbone = probe.load_run(runs[m]).backbone
         adapter = probe.adapters_of(backbone)[feats[m]["module"]]
         slot = backbone.get_submodule(feats[m]["module"])
         (A0, B0), (A1, _) = (adapter.as_lora(t, slot) for t in (0, 1))
@@ -345,7 +345,8 @@ def test_the_embedding_analysis_reads_mores_task_embeddings_and_rescales_experts
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     res = embeddings.analyse(run, 0.0)
-    _, specs, backbone, _, _ = embeddings.load_run(run)
+    loaded = embeddings.load_run(run)
+    specs, backbone = loaded.specs, loaded.backbone
     ads = embeddings.adapters_of(backbone)
     attn = sorted(n for n in ads if n.startswith("encoder.layer.1.") and ".attention." in n)
     assert attn and list(res["modules"]) == attn + ["all"] and res["tasks"] == [s.name for s in specs]

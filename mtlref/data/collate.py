@@ -6,6 +6,7 @@ How each family reads an example:
   but keeping EOS. With text_to_text (MoRE Eq. 9, the T5 protocol) the decoder is trained on
   the label's target text (templates.t5_target) + EOS: decoder_input_ids are the targets
   shifted right after decoder_start_token_id, target_ids carry -100 on padding.
+- Unlabelled rows (predict.py's): labels NaN and, for T5, no decoder targets.
 - LLaMA / MPT: the MTL-LoRA Table 9 prompt (templates.render) after BOS; a prompt longer
   than max_length keeps its END (where the question and "Answer:" are) and BOS.
 - Generation (commonsense, decoders only): BOS + the LLM-Adapters prompt + the response +
@@ -59,7 +60,7 @@ class Encoder:
         if self.family == "t5":
             ids = self.tok.encode(templates.t5_input(ex.task, ex.text, ex.text_pair))
             ids = ids if len(ids) <= L else ids[: L - 1] + ids[-1:]
-            return ids, (self.target_ids(ex) if self.text_to_text else None)
+            return ids, (self.target_ids(ex) if self.text_to_text and ex.label is not None else None)
         ids = self.tok.encode(templates.render(ex.task, ex.text, ex.text_pair))
         bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
         keep = L - len(bos)
@@ -90,7 +91,7 @@ class Encoder:
         if generative:                                   # next-token targets on the response only
             batch["target_ids"] = torch.where(types.bool(), input_ids, torch.full_like(input_ids, -100))
         else:
-            if self.text_to_text:                        # T5: decoder reads [start] + target[:-1]
+            if self.text_to_text and all(tt is not None for _, tt in encoded):   # T5: [start] + target[:-1]
                 targets = [tt for _, tt in encoded]
                 D = max(len(t) for t in targets)
                 dec = torch.full((B, D), self.pad_id, dtype=torch.long)
@@ -101,7 +102,8 @@ class Encoder:
                     tgt[b, : len(t)] = torch.tensor(t)
                     dmask[b, : len(t)] = 1
                 batch.update(decoder_input_ids=dec, decoder_attention_mask=dmask, target_ids=tgt)
-            batch["labels"] = torch.tensor([float(ex.label) for _, _, ex in items], dtype=torch.float32)
+            batch["labels"] = torch.tensor([float("nan" if ex.label is None else ex.label) for _, _, ex in items],
+                                           dtype=torch.float32)
             if types is not None:
                 batch["token_type_ids"] = types
         return batch
