@@ -173,12 +173,19 @@ def test_the_single_task_table_checks_mores_claim_under_its_own_batches(tmp_path
 
 
 def test_an_analysed_mtl_lora_runs_init_comes_from_the_analysis_or_its_cell():
+    """The analysis' own record first; a probe file from before A.4's SVM predates the init change
+    (old init, whatever the cell of that name holds now); else the cell that wrote the run."""
     old = rec("mtl-lora-lr5e-4", 0, 0.6, "mtl-lora")
+    new = rec("mtl-lora-lr5e-4", 0, 0.6, "mtl-lora", method_options={"weights_init": "kaiming"})
+    svm = {"classifier": "svm"}
     protos = Protocols([old])
-    assert run_init(protos, "runs/main/mtl-lora-lr5e-4/s0", {"method": "mtl-lora"}) == OLD      # its result file
-    assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora"}) == "w_t init not recorded"
-    assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora", "options": {"weights_init": "kaiming"}}) is None
-    assert run_init(protos, "runs/main/mtl-lora-lr5e-4/s0", {"method": "lora"}) is None
+    assert run_init(protos, "runs/main/mtl-lora-lr5e-4/s0", {"method": "mtl-lora"}, svm) == OLD      # its result file
+    assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora"}, svm) == "w_t init not recorded"
+    assert run_init(protos, "runs/elsewhere", {"method": "mtl-lora", "options": {"weights_init": "kaiming"}},
+                    svm) is None
+    assert run_init(protos, "runs/main/mtl-lora-lr5e-4/s0", {"method": "lora"}, svm) is None
+    assert run_init(Protocols([new]), "runs/main/mtl-lora-lr5e-4/s0", {"method": "mtl-lora"}, svm) is None
+    assert run_init(Protocols([new]), "runs/main/mtl-lora-lr5e-4/s0", {"method": "mtl-lora"}, {}) == OLD
 
 
 def test_an_init_split_row_appears_once_even_when_named():

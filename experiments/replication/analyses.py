@@ -24,15 +24,18 @@ def run_sides(protos, runs: list[str]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def run_init(protos, run: str, r: dict) -> str | None:
+def run_init(protos, run: str, r: dict, res: dict) -> str | None:
     """An analysed MTL-LoRA run's w_t init label: the analysis' own record of its options, else the
-    result file of the cell that wrote the run; None for the default init and other methods."""
+    result file of the cell that wrote the run; None for the default init and other methods. A probe
+    file from before A.4's SVM (no "classifier") also predates the w_t init change."""
     if r.get("method") != "mtl-lora":
         return None
     options = r.get("method_options") or r.get("options")
     if options and "weights_init" in options:
         return INIT_LABELS.get(options["weights_init"])
-    cells = protos.cells_of_run(run)
+    if "classifier" not in res:         # written before the analyses recorded options, i.e. before the
+        return INIT_LABELS["normal"]    # w_t default changed: the run it read had the old init, whatever
+    cells = protos.cells_of_run(run)    # the cell that now holds its name was re-run with
     return init_label(cells[0]) if cells else "w_t init not recorded"
 
 
@@ -75,14 +78,18 @@ def probe_section(analyses: Path, figs: Path, rel, protos, at_constant: dict[str
               "tasks; chance is 1 / (number of tasks).", "",
               "| run | method | module | " + " | ".join(f"{SPACES[sp]} (dim)" for sp in spaces) + " | w_t init |",
               "|---|---|---|" + "---:|" * len(spaces) + "---|"]
-        inits = {name: run_init(protos, name, r) for name, r in res["runs"].items()}
+        inits = {name: run_init(protos, name, r, res) for name, r in res["runs"].items()}
         for name, r in res["runs"].items():
             L.append(f"| `{name}` | {r['method']} | `{r['module']}` | "
                      + " | ".join(f"{r[sp]['macro_f1']:.3f} ({r[sp]['dim']})" for sp in spaces)
                      + f" | {inits[name] or ('–' if r['method'] != 'mtl-lora' else 'Kaiming-uniform')} |")
         L.append("")
         by = {r["method"]: (name, r) for name, r in res["runs"].items()}
-        if "lora" in by and "mtl-lora" in by:
+        if "classifier" not in res:
+            L += ["This file predates A.4's probe (a logistic regression, not its linear SVM) and MTL-LoRA's w_t "
+                  "init change: kept for the record, no claim is drawn from it (the probe on runs of the current "
+                  "init is still to run).", ""]
+        elif "lora" in by and "mtl-lora" in by:
             line = protos.line("mtl-lora", run_sides(protos, [by["mtl-lora"][0], by["lora"][0]]), at_constant)
             mtl, lora = by["mtl-lora"][1], by["lora"][1]
             init = inits[by["mtl-lora"][0]]
