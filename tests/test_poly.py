@@ -1,8 +1,8 @@
 """Poly / MHR (mtlref/adapters/poly.py): parity with peft's own outputs, the equations written
 out here from the adapter's tensors, the training-mode draws, init, exports and bad options.
 
-The parity fixture tests/data/poly-peft-parity.safetensors was computed by peft 0.22.0
-(transformers 5.25.0, torch 2.13.0+cpu; the versions are also in its metadata) with
+The parity fixture tests/data/poly-peft-parity.json was computed by peft 0.22.0
+(transformers 5.25.0, torch 2.13.0+cpu; the versions are also in its "metadata") with
 tests/data/make_poly_parity.py: a 16 -> 12 -> 8 net of two nn.Linear, both adapted, once as Poly
 (n_splits=1) and once as MHR (n_splits=2), r=4, 3 tasks, 3 skills, every Poly tensor random."""
 import json
@@ -10,15 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from conftest import make_slot
 from mtlref.adapters import REGISTRY
 from mtlref.adapters.poly import relaxed_bernoulli
 from mtlref.layers import AdaptedLinear, ForwardContext
 
-FIXTURE = Path(__file__).resolve().parent / "data" / "poly-peft-parity.safetensors"
+FIXTURE = Path(__file__).resolve().parent / "data" / "poly-peft-parity.json"
+
+
+def load_fixture() -> tuple[dict, dict]:
+    """(tensors by name, metadata): the JSON holds each tensor's dtype, shape and values, float32
+    values written exactly (a float32 survives the float64 round trip)."""
+    raw = json.loads(FIXTURE.read_text())
+    return ({k: torch.tensor(t["values"], dtype=getattr(torch, t["dtype"])).view(t["shape"])
+             for k, t in raw["tensors"].items()}, raw["metadata"])
 T, R, ALPHA, SKILLS = 3, 4, 8.0, 3
 TASKS = torch.tensor([2, 0, 1, 2])
 
@@ -87,9 +93,7 @@ def run_net(slots, x, task_ids):
 @pytest.mark.parametrize("name,n_splits", [("poly", 1), ("mhr", 2)])
 def test_eval_matches_peft(name, n_splits):
     """Eval mode (σ routing) reproduces peft's output on a mixed-task batch to 1e-5 (fp32)."""
-    fx = load_file(str(FIXTURE))
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
+    fx, meta = load_fixture()
     assert json.loads(meta["configs"])[name]["n_splits"] == n_splits and meta["peft"]
     slots = [s.eval() for s in peft_net(fx, name, n_splits)]
     with torch.no_grad():
@@ -104,9 +108,8 @@ def test_eval_matches_peft(name, n_splits):
 def test_train_matches_peft_under_the_same_seed(name, n_splits):
     """Train mode draws the relaxed-Bernoulli weights from torch's RNG as peft does (one draw of
     shape [B, Q, S] per module, lin1 first): the same seed gives peft's output."""
-    fx = load_file(str(FIXTURE))
-    with safe_open(str(FIXTURE), "pt") as f:
-        seed = int(f.metadata()["train_seed"])
+    fx, meta = load_fixture()
+    seed = int(meta["train_seed"])
     slots = [s.train() for s in peft_net(fx, name, n_splits)]
     torch.manual_seed(seed)
     with torch.no_grad():

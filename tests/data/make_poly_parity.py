@@ -1,4 +1,4 @@
-"""Writes tests/data/poly-peft-parity.safetensors: peft's own Poly and MHR outputs on a tiny
+"""Writes tests/data/poly-peft-parity.json: peft's own Poly and MHR outputs on a tiny
 two-layer net, for tests/test_poly.py. Run it with a separate venv that has peft (mtlref and its
 tests never import this file nor peft):
 
@@ -17,7 +17,7 @@ weights are far from uniform). Keys (float32 unless said):
     {poly,mhr}.eval_out [B, L, 8]           the net's output in eval mode (σ routing)
     {poly,mhr}.train_out [B, L, 8]          in train mode right after torch.manual_seed(TRAIN_SEED)
                                             (relaxed-Bernoulli routing, lin1 draws first)
-The safetensors metadata records the peft, transformers and torch versions and the configs.
+Its "metadata" records the peft, transformers and torch versions and the configs.
 """
 import json
 from pathlib import Path
@@ -26,9 +26,8 @@ import peft
 import torch
 import transformers
 from peft import PolyConfig, get_peft_model
-from safetensors.torch import save_file
 
-OUT = Path(__file__).resolve().parent / "poly-peft-parity.safetensors"
+OUT = Path(__file__).resolve().parent / "poly-peft-parity.json"
 CONFIGS = {"poly": dict(r=4, n_tasks=3, n_skills=3, n_splits=1),
            "mhr": dict(r=4, n_tasks=3, n_skills=3, n_splits=2)}
 TRAIN_SEED = 1234
@@ -77,7 +76,9 @@ def main():
     meta = {"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "configs": json.dumps(CONFIGS), "train_seed": str(TRAIN_SEED),
             "generator": "tests/data/make_poly_parity.py"}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT), metadata=meta)
+    OUT.write_text(json.dumps({"metadata": meta, "tensors": {
+        k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape), "values": v.flatten().tolist()}
+        for k, v in sorted(tensors.items())}}))
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes): {meta}")
 
 
