@@ -24,6 +24,12 @@ def run_sides(protos, runs: list[str]) -> list[tuple[str, list[dict]]]:
     return out
 
 
+def before_svm(res: dict) -> bool:
+    """A probe file written before A.4's linear SVM became the probe (it records no classifier):
+    a logistic regression, and runs of the old w_t init (the init changed first)."""
+    return "classifier" not in res
+
+
 def run_init(protos, run: str, r: dict, res: dict) -> str | None:
     """An analysed MTL-LoRA run's w_t init label: the analysis' own record of its options, else the
     result file of the cell that wrote the run; None for the default init and other methods. A probe
@@ -33,7 +39,7 @@ def run_init(protos, run: str, r: dict, res: dict) -> str | None:
     options = r.get("method_options") or r.get("options")
     if options and "weights_init" in options:
         return INIT_LABELS.get(options["weights_init"])
-    if "classifier" not in res:         # written before the analyses recorded options, i.e. before the
+    if before_svm(res):                 # written before the analyses recorded options, i.e. before the
         return INIT_LABELS["normal"]    # w_t default changed: the run it read had the old init, whatever
     cells = protos.cells_of_run(run)    # the cell that now holds its name was re-run with
     return init_label(cells[0]) if cells else "w_t init not recorded"
@@ -49,7 +55,7 @@ SPACES = {"low": "low-rank A_t x", "adapter": "adapter output ΔW_t x", "full": 
 
 def probe_method(res: dict) -> str:
     """How the probe scored, from its JSON (files before the A.4 SVM default record no classifier)."""
-    if "classifier" not in res:
+    if before_svm(res):
         return "a logistic regression on standardised features"
     k = len((res.get("probe_split") or {}).get("seeds") or [0])
     return ({"svm": "a linear SVM, one-vs-rest", "logreg": "a logistic regression"}.get(res["classifier"],
@@ -85,7 +91,7 @@ def probe_section(analyses: Path, figs: Path, rel, protos, at_constant: dict[str
                      + f" | {inits[name] or ('–' if r['method'] != 'mtl-lora' else 'Kaiming-uniform')} |")
         L.append("")
         by = {r["method"]: (name, r) for name, r in res["runs"].items()}
-        if "classifier" not in res:
+        if before_svm(res):
             L += ["This file predates A.4's probe (a logistic regression, not its linear SVM) and MTL-LoRA's w_t "
                   "init change: kept for the record, no claim is drawn from it (the probe on runs of the current "
                   "init is still to run).", ""]
