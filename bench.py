@@ -9,8 +9,9 @@ Measures (experiments/bench/ says how):
 - the training step (forward + backward + AdamW, mixed-task batch) of every method, as a ratio
   to LoRA and to the floor (the frozen base's forward + backward with no adapter), next to the
   MoRE paper's figures and our targets;
-- inference latency against batch size: merged LoRA, unmerged LoRA, MTL-LoRA on a mixed-task
-  batch and merged for one task, MoRE and MoELoRA;
+- inference latency against batch size: every method unmerged on a mixed-task batch and merged
+  for one task where it merges, against the base's own cost, and predict.py's two paths (mixed
+  batch; --merged) on MTL-LoRA;
 - peak memory per method (a subprocess each) and tokens/s;
 - the same LoRA step with transformers + peft when both happen to be importable (they are never
   a dependency); otherwise the JSON says "peer": null and why.
@@ -36,7 +37,8 @@ from experiments.bench.models import load_base
 from experiments.bench.peer import peer_lora
 from experiments.bench.report import plot, report
 from experiments.bench.settings import METHODS, BenchConfig
-from experiments.bench.timing import floor_mfu, time_inference, time_training
+from experiments.bench.inference import time_inference
+from experiments.bench.timing import floor_mfu, time_training
 from mtlref.pretrained import minilm_dir
 
 ROOT = Path(__file__).resolve().parent
@@ -59,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds (each runs every method once)")
     p.add_argument("--warmup", type=int, help="untimed rounds first")
     p.add_argument("--infer-batch-sizes", help="comma list (default 1,2,4,...,64; --quick 1,4)")
-    p.add_argument("--infer-repeats", type=int)
+    p.add_argument("--infer-repeats", type=int, help="timed rounds per batch size (default 7; --quick 2)")
+    p.add_argument("--tokenizer", help="the predict rows' tokenizer directory (default: --model's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's malloc at its defaults (by default the timing process keeps freed "
@@ -92,7 +95,7 @@ def make_config(args) -> BenchConfig:
         num_tasks=args.num_tasks, repeats=pick(args.repeats, 3, 9), warmup=pick(args.warmup, 1, 2),
         infer_batch_sizes=[int(b) for b in sizes.split(",")] if sizes else ([1, 4] if quick else
                                                                            [1, 2, 4, 8, 16, 32, 64]),
-        infer_repeats=pick(args.infer_repeats, 2, 5), memory_steps=1 if quick else 2, threads=args.threads)
+        infer_repeats=pick(args.infer_repeats, 2, 7), memory_steps=1 if quick else 2, threads=args.threads)
 
 
 def main(argv=None) -> dict:
@@ -107,7 +110,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     allocator = "torch's CUDA caching allocator" if cfg.device.startswith("cuda") else \
         "system allocator (--system-malloc)" if args.system_malloc else keep_freed_memory()
-    res = {"schema": 1, "command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"schema": 2, "command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": dict(machine(cfg.device), allocator=allocator), "config": asdict(cfg),
            "methods": {n: dict(o) for n, o in METHODS.items()}}
     base = load_base(cfg)
@@ -116,7 +119,7 @@ def main(argv=None) -> dict:
     res["peer"] = {"library": reason, "vs_lora": res["training"]["peer-lora"]["vs_lora"]} if peer else None
     res["peer_reason"] = reason
     res["floor_mfu"] = floor_mfu(cfg, base, res["training"]["floor"]["seconds"]["median"])
-    res["inference"] = time_inference(cfg, base)
+    res["inference"] = time_inference(cfg, base, args.tokenizer or cfg.model)
     del base
     res["memory"] = None if args.skip_memory else measure_memory(cfg)
     res["memory_how"] = None if args.skip_memory else next(iter(res["memory"].values()))["method"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from experiments.bench.models import build, head_for, make_batch, matmul_params, random_base, run_model, task_loss
-from experiments.bench.settings import FLOOR, INFERENCE, METHODS, PAPER_VS_LORA, TARGETS, BenchConfig
+from experiments.bench.inference import BASE, predict_examples, predict_fn, predict_run, time_inference
+from experiments.bench.settings import FLOOR, METHODS, PAPER_VS_LORA, TARGETS, BenchConfig
 from experiments.bench.timing import ratio, round_robin, summary
 from mtlref.adapters import REGISTRY
 from mtlref.pretrained import load_model
@@ -50,7 +51,7 @@ def check_stats(s: dict, positive=True):
 
 def test_quick_run_json_schema(quick):
     res, _ = quick
-    assert res["schema"] == 1 and res["command"].startswith("python bench.py --quick")
+    assert res["schema"] == 2 and res["command"].startswith("python bench.py --quick")
     m = res["machine"]
     for k in ("platform", "cpu", "cores", "torch_threads", "torch", "device", "loadavg_start", "loadavg_end"):
         assert k in m, k
@@ -79,14 +80,20 @@ def test_quick_run_json_schema(quick):
     assert train["lora"]["vs_lora"]["min"] == train["lora"]["vs_lora"]["max"] == 1.0
     assert train["floor"]["vs_floor"]["median"] == 1.0 and train["floor"]["trainable_params"] == 1
 
-    inf = res["inference"]
-    assert set(inf) == set(INFERENCE)
+    inf = res["inference"]["variants"]
+    merged = {f"{n}-merged" for n, a in REGISTRY.items() if a.mergeable and n != "lora"}   # merged LoRA is the base
+    assert set(inf) == {BASE, *REGISTRY} | merged           # the bert-tiny fixture has no tokenizer: no predict rows
+    assert "no tokenizer" in res["inference"]["predict"]
     for name, rows in inf.items():
         assert list(rows) == [str(b) for b in cfg["infer_batch_sizes"]]
         for row in rows.values():
             check_stats(row["seconds"])
-            check_stats(row["vs_lora_merged"])
-            assert row["tokens_per_s"] > 0
+            check_stats(row["vs_base"])
+            check_stats(row["vs_lora"])
+            assert row["tokens_per_s"] > 0 and len(row["samples"]) == cfg["infer_repeats"]
+    assert all(r["vs_base"]["min"] == r["vs_base"]["max"] == 1.0 for r in inf[BASE].values())
+    t = res["inference"]["targets"]
+    assert set(t["merged_within_noise"]) == merged and set(t["unmerged_vs_lora"]) == {"mtl-lora", "more"}
 
     assert set(res["memory"]) == {FLOOR, *REGISTRY}
     for row in res["memory"].values():
@@ -105,7 +112,7 @@ def test_quick_run_peer_plot_and_table(quick):
         assert res["plot"] is None and "matplotlib" in res["plot_note"]
     else:
         assert Path(res["plot"]).is_file()
-    for name in [FLOOR, *REGISTRY, *INFERENCE]:
+    for name in [FLOOR, *REGISTRY, *res["inference"]["variants"]]:
         assert f"| {name} |" in stdout, name
 
 
@@ -202,3 +209,25 @@ def test_ab_pools_the_paired_per_round_ratios_of_several_runs(tmp_path):
     assert got["lora"] == [1.0, 1.0, 1.0] and got["more"] == pytest.approx([1.5, 1.1, 1.1])
     rows = table(got, pooled_ratios(runs[1:]), ("before", "after"))
     assert rows[0].startswith("| method | before × LoRA") and "| more | 1.10 (1.10–1.30) | 1.10 (1.10–1.10) | 3 / 1 |" in rows
+
+
+def test_inference_times_predict_py_paths_on_rows_of_seq_len_tokens(tiny_bert):
+    """With a tokenizer, the inference table adds predict.py's two paths on MTL-LoRA (mixed rows;
+    --merged), on rows that encode to exactly seq_len tokens, and the merged path really groups
+    the rows by task (the run keeps one merged copy per task it met)."""
+    base = load_model(tiny_bert)
+    cfg = BenchConfig(model=str(tiny_bert), seq_len=16, infer_batch_sizes=[1, 5], infer_repeats=2)
+    res = time_inference(cfg, base, tiny_bert)
+    assert res["predict"] == "timed"
+    for name in ("predict", "predict-merged"):
+        assert list(res["variants"][name]) == ["1", "5"]
+        check_stats(res["variants"][name]["5"]["vs_base"])
+    run, why = predict_run(build(base, "mtl-lora", cfg).eval(), cfg, tiny_bert)
+    examples = predict_examples(run, 5, cfg.seq_len)
+    assert [ex.task for ex in examples] == ["cola", "sst2", "mrpc", "stsb", "qqp"]
+    assert all(len(run.encoder.encode(ex)[0]) == cfg.seq_len for ex in examples)
+    predict_fn(run, examples, merged=False)()
+    assert run.merged == {}
+    predict_fn(run, examples, merged=True)()
+    assert sorted(run.merged) == [0, 1, 2, 3, 4]
+    assert predict_run(base, BenchConfig(model="x", num_tasks=9), tiny_bert)[0] is None    # more tasks than GLUE

@@ -28,14 +28,43 @@ def training_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def inference_variants(res: dict) -> tuple[dict, str]:
+    """{variant: {batch size: row}} and the key of the ratio to the base (older runs, schema 1:
+    the variants at the top level and the ratio to merged LoRA under vs_lora_merged)."""
+    inf = res["inference"]
+    return (inf["variants"], "vs_base") if "variants" in inf else (inf, "vs_lora_merged")
+
+
+def ratio_cells(rows: dict, key: str) -> list[str]:
+    return [fmt_ratio(r[key]) for r in rows.values()]
+
+
 def inference_table(res: dict) -> str:
-    sizes = list(next(iter(res["inference"].values())))
-    lines = ["| variant | " + " | ".join(f"b={b} ms (× merged)" for b in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
-    for name, rows in res["inference"].items():
-        cells = [f"{1e3 * rows[b]['seconds']['median']:.1f} ({rows[b]['vs_lora_merged']['median']:.2f})" for b in sizes]
+    variants, key = inference_variants(res)
+    sizes = list(variants[next(iter(variants))])
+    head = "| variant | " + " | ".join(f"b={b}" for b in sizes) + " |\n|---|" + "---|" * len(sizes)
+    lines = [f"Forward ms (median), and × base: median (quartiles) of the paired per-round ratios; "
+             f"{res['config']['infer_repeats']} rounds per batch size after 1 untimed", "", head]
+    for name, rows in variants.items():
+        cells = [f"{1e3 * r['seconds']['median']:.1f} · {fmt_ratio(r[key])}" for r in rows.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if key == "vs_base":
+        lines += ["", "Unmerged on a mixed-task batch, × unmerged LoRA (paired per round)", "", head]
+        lines += [f"| {n} | " + " | ".join(ratio_cells(rows, "vs_lora")) + " |" for n, rows in variants.items()
+                  if not n.endswith("merged") and n != "base"]
+        lines += ["", f"predict rows: {res['inference']['predict']}"] + target_lines(res["inference"]["targets"])
     return "\n".join(lines)
+
+
+def target_lines(t: dict) -> list[str]:
+    missed = {n: [b for b, ok in rows.items() if not ok] for n, rows in t["merged_within_noise"].items()}
+    lines = ["merged within noise of the base (1 inside the quartiles, or the median within 3 %) at every "
+             "batch size: " + ("yes, " + ", ".join(missed) if not any(missed.values()) else
+                               "**no**: " + "; ".join(f"{n} at b={','.join(b)}" for n, b in missed.items() if b))]
+    for n, u in t["unmerged_vs_lora"].items():
+        lines.append(f"{n} unmerged at b={u['batch_size']}: {u['vs_lora']:.2f} × unmerged LoRA, target ≤ "
+                     f"{u['max']:.2f}: {'met' if u['met'] else '**missed**'}")
+    return lines
 
 
 def plot(res: dict, path: Path) -> tuple[str | None, str]:
@@ -44,19 +73,28 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    variants, key = inference_variants(res)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
     names = list(res["training"])
     a.bar(names, [res["training"][n]["vs_lora"]["median"] for n in names])
     a.axhline(1.0, color="k", lw=0.8)
     a.set_ylabel("training step / LoRA")
-    a.tick_params(axis="x", rotation=45)
-    for name, rows in res["inference"].items():
+    a.tick_params(axis="x", rotation=60)
+    for name, rows in variants.items():
         sizes = [int(s) for s in rows]
-        b.plot(sizes, [1e3 * rows[str(s)]["seconds"]["median"] for s in sizes], marker="o", label=name)
-    b.set_xscale("log", base=2)
-    b.set_xlabel("batch size")
+        style = "--" if name.endswith("merged") or name == "base" else "-"
+        b.plot(sizes, [1e3 * r["seconds"]["median"] for r in rows.values()], style, marker="o", ms=3, label=name)
+        med = [r[key]["median"] for r in rows.values()]
+        err = [[m - r[key]["q1"] for m, r in zip(med, rows.values())], [r[key]["q3"] - m for m, r in zip(med, rows.values())]]
+        c.errorbar(sizes, med, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=name)
+    for ax in (b, c):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+    b.set_yscale("log")
     b.set_ylabel("forward latency, ms")
-    b.legend(fontsize=8)
+    c.axhline(1.0, color="k", lw=0.8)
+    c.set_ylabel("latency / base (median, quartiles)")
+    c.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -18,7 +18,7 @@ class BenchConfig:
     repeats: int = 7
     warmup: int = 2
     infer_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    infer_repeats: int = 5
+    infer_repeats: int = 7                            # rounds per batch size (after one untimed)
     memory_steps: int = 2                             # steps per memory subprocess (the 1st allocates AdamW state)
     threads: int = 0                                  # torch threads; 0 = torch's default
     seed: int = 0
@@ -46,5 +46,3 @@ PAPER_VS_LORA = {"more": 1.6, "multilora": 2.9, "moelora": 3.6, "mixlora": 4.2}
 # (runs before 2026-12-01 were judged against 1.15, docs/bench/minilm-cpu.json among them).
 TARGETS = {"lora": (FLOOR, 1.10), "mtl-lora": ("lora", 1.15), "more": ("lora", 1.2),
            "multilora": ("lora", 1.3), "moelora": ("lora", 1.4), "mixlora": ("lora", 2.0)}
-# Inference: merged LoRA is the base model's own cost; the others keep their adapters.
-INFERENCE = ("lora-merged", "lora", "mtl-lora", "mtl-lora-merged", "more", "moelora")

@@ -1,5 +1,5 @@
-"""Timing: every method's step round-robin, paired ratios to the floor and to LoRA, inference
-latency per batch size, and the floor's model FLOPs utilisation on CUDA."""
+"""Timing: every method's step round-robin, paired ratios to the floor and to LoRA, and the
+floor's model FLOPs utilisation on CUDA (inference latency: experiments/bench/inference.py)."""
 from __future__ import annotations
 
 import statistics
@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from experiments.bench.models import build, forward_fn, head_for, make_batch, matmul_params, train_step
-from experiments.bench.settings import FLOOR, INFERENCE, METHODS, PAPER_VS_LORA, TARGETS, BenchConfig
-from mtlref.adapters import count_parameters, merge_adapters
+from experiments.bench.models import build, head_for, make_batch, matmul_params, train_step
+from experiments.bench.settings import FLOOR, METHODS, PAPER_VS_LORA, TARGETS, BenchConfig
+from mtlref.adapters import count_parameters
 from mtlref.heads import family
 
 # Dense bf16 peak of the GPUs a GPU check may meet (the vendors' data sheets), for the floor's MFU.
@@ -107,23 +107,3 @@ def cuda_step_peaks(fns: dict[str, Callable[[], None]], device: str) -> dict[str
         torch.cuda.synchronize(device)
         peaks[n] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return peaks
-
-
-def time_inference(cfg: BenchConfig, base: nn.Module) -> dict:
-    """Forward latency per variant and batch size (eval mode, no gradients). Mixed-task
-    batches, except the merged MTL-LoRA copy, which serves one task (task 0)."""
-    lora, mtl = build(base, "lora", cfg).eval(), build(base, "mtl-lora", cfg).eval()
-    models = {"lora-merged": merge_adapters(lora, 0), "lora": lora, "mtl-lora": mtl,
-              "mtl-lora-merged": merge_adapters(mtl, 0), "more": build(base, "more", cfg).eval(),
-              "moelora": build(base, "moelora", cfg).eval()}
-    out = {n: {} for n in INFERENCE}
-    for b in cfg.infer_batch_sizes:
-        mixed = make_batch(base, b, cfg.seq_len, cfg.num_tasks, cfg.device, seed=cfg.seed)
-        single = dict(mixed, task_ids=torch.zeros_like(mixed["task_ids"]))
-        fns = {n: forward_fn(m, single if n.endswith("merged") else mixed, cfg.device) for n, m in models.items()}
-        times = round_robin(fns, cfg.infer_repeats, 1, cfg.device)
-        for n, ts in times.items():
-            s = summary(ts)
-            out[n][str(b)] = {"seconds": s, "tokens_per_s": b * cfg.seq_len / s["median"],
-                              "vs_lora_merged": ratio(times, n, "lora-merged")}
-    return out
