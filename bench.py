@@ -69,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "memory, see experiments.bench.machine.keep_freed_memory)")
     p.add_argument("--skip-memory", action="store_true", help="no per-method memory subprocesses")
     p.add_argument("--report", metavar="FILE", help="print the tables of a saved run's JSON and exit (nothing is timed)")
+    p.add_argument("--plot", metavar="PNG", help="with --report: (re)draw the run's figure into PNG")
     p.add_argument("--out", help="write the JSON here (and FILE.png when matplotlib is importable)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -103,6 +104,8 @@ def main(argv=None) -> dict:
     if args.report:
         res = json.loads(Path(args.report).read_text())
         report(res)
+        if args.plot:
+            print(plot(res, Path(args.plot))[1], file=sys.stderr)
         return res
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -191,10 +191,25 @@ def test_report_regenerates_the_printed_tables_from_the_json(quick, tmp_path):
     res, stdout = quick
     path = tmp_path / "x.json"
     path.write_text(json.dumps(res))
-    r = subprocess.run([sys.executable, "bench.py", "--report", str(path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    png = tmp_path / "again.png"
+    r = subprocess.run([sys.executable, "bench.py", "--report", str(path), "--plot", str(png)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() and r.stdout == stdout                  # every line the timed run printed
+    assert png.is_file() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_identical_computations_give_the_noise_floor():
+    """The base and the merged copies run the same GEMMs: their medians' spread around the pooled
+    median is the run's noise floor (predict-merged and unmerged variants are not among them)."""
+    from experiments.bench.report import identical_spread
+
+    def rows(*ms):
+        return {str(b): {"seconds": {"median": m}} for b, m in zip((1, 64), ms)}
+    v = {"base": rows(1.0, 2.0), "lora": rows(9.0, 9.0), "a-merged": rows(1.1, 1.6), "b-merged": rows(0.9, 2.4),
+         "predict-merged": rows(5.0, 5.0)}
+    got = identical_spread(v)
+    assert got["1"] == pytest.approx((0.9, 1.1, 3)) and got["64"] == pytest.approx((0.8, 1.2, 3))
 
 
 def test_ab_pools_the_paired_per_round_ratios_of_several_runs(tmp_path):

@@ -52,8 +52,25 @@ def inference_table(res: dict) -> str:
         lines += ["", "Unmerged on a mixed-task batch, × unmerged LoRA (paired per round)", "", head]
         lines += [f"| {n} | " + " | ".join(ratio_cells(rows, "vs_lora")) + " |" for n, rows in variants.items()
                   if not n.endswith("merged") and n != "base"]
-        lines += ["", f"predict rows: {res['inference']['predict']}"] + target_lines(res["inference"]["targets"])
+        spread = identical_spread(variants)
+        lines += ["", f"predict rows: {res['inference']['predict']}", "identical computations (the base and its "
+                  f"{next(iter(spread.values()))[2] - 1} merged copies), lowest–highest median over their pooled median: "
+                  + ", ".join(f"b={b} {lo:.2f}–{hi:.2f}" for b, (lo, hi, _) in spread.items())]
+        lines += target_lines(res["inference"]["targets"])
     return "\n".join(lines)
+
+
+def identical_spread(variants: dict) -> dict[str, tuple[float, float, int]]:
+    """Per batch size: the base and every merged copy run the same GEMMs on the same shapes (only
+    the weights' values differ), so the spread of their medians is this run's noise floor:
+    (lowest, highest) median over their pooled median, and how many they are."""
+    same = [n for n in variants if n == "base" or (n.endswith("-merged") and n != "predict-merged")]
+    out = {}
+    for b in variants[same[0]]:
+        meds = sorted(variants[n][b]["seconds"]["median"] for n in same)
+        mid = meds[len(meds) // 2] if len(meds) % 2 else (meds[len(meds) // 2 - 1] + meds[len(meds) // 2]) / 2
+        out[b] = (meds[0] / mid, meds[-1] / mid, len(meds))
+    return out
 
 
 def target_lines(t: dict) -> list[str]:
@@ -74,19 +91,24 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     variants, key = inference_variants(res)
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.5))
     names = list(res["training"])
-    a.bar(names, [res["training"][n]["vs_lora"]["median"] for n in names])
+    r = [res["training"][n]["vs_lora"] for n in names]
+    a.bar(names, [x["median"] for x in r], yerr=[[x["median"] - x["q1"] for x in r], [x["q3"] - x["median"] for x in r]],
+          capsize=2)
     a.axhline(1.0, color="k", lw=0.8)
-    a.set_ylabel("training step / LoRA")
+    a.set_ylabel("training step / LoRA (median, quartiles)")
     a.tick_params(axis="x", rotation=60)
+    methods = list(dict.fromkeys(n.removesuffix("-merged") for n in variants))
+    colour = dict(zip(methods, plt.get_cmap("tab20").colors))     # a method and its merged copy share a colour
     for name, rows in variants.items():
         sizes = [int(s) for s in rows]
-        style = "--" if name.endswith("merged") or name == "base" else "-"
-        b.plot(sizes, [1e3 * r["seconds"]["median"] for r in rows.values()], style, marker="o", ms=3, label=name)
+        style = dict(ls="--" if name.endswith("merged") else "-", color=colour[name.removesuffix("-merged")],
+                     marker="o", ms=3, label=name)
+        b.plot(sizes, [1e3 * r["seconds"]["median"] for r in rows.values()], **style)
         med = [r[key]["median"] for r in rows.values()]
         err = [[m - r[key]["q1"] for m, r in zip(med, rows.values())], [r[key]["q3"] - m for m, r in zip(med, rows.values())]]
-        c.errorbar(sizes, med, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=name)
+        c.errorbar(sizes, med, yerr=err, capsize=2, **style)
     for ax in (b, c):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -94,7 +116,7 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     b.set_ylabel("forward latency, ms")
     c.axhline(1.0, color="k", lw=0.8)
     c.set_ylabel("latency / base (median, quartiles)")
-    c.legend(fontsize=7, ncol=2)
+    c.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
