@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc's malloc at its defaults (by default the timing process keeps freed "
                         "memory, see experiments.bench.machine.keep_freed_memory)")
     p.add_argument("--skip-memory", action="store_true", help="no per-method memory subprocesses")
+    p.add_argument("--skip-training", action="store_true", help="time inference only (no training table, no peer)")
     p.add_argument("--report", metavar="FILE", help="print the tables of a saved run's JSON and exit (nothing is timed)")
     p.add_argument("--plot", metavar="PNG", help="with --report: (re)draw the run's figure into PNG")
     p.add_argument("--out", help="write the JSON here (and FILE.png when matplotlib is importable)")
@@ -117,11 +118,14 @@ def main(argv=None) -> dict:
            "machine": dict(machine(cfg.device), allocator=allocator), "config": asdict(cfg),
            "methods": {n: dict(o) for n, o in METHODS.items()}}
     base = load_base(cfg)
-    peer, reason = peer_lora(cfg, base)
-    res["training"] = time_training(cfg, base, {"peer-lora": peer} if peer else None)
-    res["peer"] = {"library": reason, "vs_lora": res["training"]["peer-lora"]["vs_lora"]} if peer else None
-    res["peer_reason"] = reason
-    res["floor_mfu"] = floor_mfu(cfg, base, res["training"]["floor"]["seconds"]["median"])
+    if args.skip_training:
+        res.update(training=None, peer=None, peer_reason="not timed (--skip-training)", floor_mfu=None)
+    else:
+        peer, reason = peer_lora(cfg, base)
+        res["training"] = time_training(cfg, base, {"peer-lora": peer} if peer else None)
+        res["peer"] = {"library": reason, "vs_lora": res["training"]["peer-lora"]["vs_lora"]} if peer else None
+        res["peer_reason"] = reason
+        res["floor_mfu"] = floor_mfu(cfg, base, res["training"]["floor"]["seconds"]["median"])
     res["inference"] = time_inference(cfg, base, args.tokenizer or cfg.model)
     del base
     res["memory"] = None if args.skip_memory else measure_memory(cfg)

@@ -246,3 +246,16 @@ def test_inference_times_predict_py_paths_on_rows_of_seq_len_tokens(tiny_bert):
     predict_fn(run, examples, merged=True)()
     assert sorted(run.merged) == [0, 1, 2, 3, 4]
     assert predict_run(base, BenchConfig(model="x", num_tasks=9), tiny_bert)[0] is None    # more tasks than GLUE
+
+
+def test_skip_training_times_inference_only(tmp_path):
+    """--skip-training: no training table and no peer, the inference table as usual."""
+    need_fixture()
+    out = tmp_path / "inf.json"
+    r = subprocess.run([sys.executable, "bench.py", "--quick", "--skip-training", "--skip-memory", "--infer-batch-sizes",
+                        "2", "--infer-repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["training"] is None and res["peer"] is None and "--skip-training" in res["peer_reason"]
+    assert list(res["inference"]["variants"]["base"]) == ["2"] and "Training: not timed" in r.stdout

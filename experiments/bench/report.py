@@ -92,7 +92,7 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     import matplotlib.pyplot as plt
     variants, key = inference_variants(res)
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.5))
-    names = list(res["training"])
+    names = list(res["training"] or {})
     r = [res["training"][n]["vs_lora"] for n in names]
     a.bar(names, [x["median"] for x in r], yerr=[[x["median"] - x["q1"] for x in r], [x["q3"] - x["median"] for x in r]],
           capsize=2)
@@ -132,7 +132,7 @@ def report(res: dict) -> None:
     print(f"## {name} on {cfg['device']} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
           f"threads, torch {m['torch']}); batch {cfg['batch_size']} × seq {cfg['seq_len']}, targets {cfg['targets']}, "
           f"{cfg['num_tasks']} tasks, {cfg['repeats']} rounds\n")
-    print(training_table(res) + "\n")
+    print((training_table(res) if res["training"] else "Training: not timed (--skip-training)") + "\n")
     print("Peer (transformers + peft LoRA): " + (fmt_ratio(res["peer"]["vs_lora"]) + " × ours" if res["peer"] else
                                                  f"none ({res['peer_reason']})") + "\n")
     if res["floor_mfu"]:
