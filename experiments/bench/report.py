@@ -130,8 +130,9 @@ def report(res: dict) -> None:
     path = Path(cfg["model"])
     name = path.parent.name if path.name == "model" else path.name          # MiniLM's package keeps it in model/
     print(f"## {name} on {cfg['device']} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
-          f"threads, torch {m['torch']}); batch {cfg['batch_size']} × seq {cfg['seq_len']}, targets {cfg['targets']}, "
-          f"{cfg['num_tasks']} tasks, {cfg['repeats']} rounds\n")
+          f"threads, torch {m['torch']}); " + (f"batch {cfg['batch_size']} × " if res["training"] else "")
+          + f"seq {cfg['seq_len']}, targets {cfg['targets']}, {cfg['num_tasks']} tasks, "
+          + (f"{cfg['repeats']} rounds\n" if res["training"] else "inference only\n"))
     print((training_table(res) if res["training"] else "Training: not timed (--skip-training)") + "\n")
     print("Peer (transformers + peft LoRA): " + (fmt_ratio(res["peer"]["vs_lora"]) + " × ours" if res["peer"] else
                                                  f"none ({res['peer_reason']})") + "\n")
