@@ -136,6 +136,8 @@ def predict_args(argv=None, description: str | None = None) -> argparse.Namespac
     p.add_argument("--scores", action="store_true", help="per-task heads: add each class's probability")
     p.add_argument("--merged", action="store_true",
                    help="run each task's rows through the base with its ΔW folded in (methods that merge)")
+    p.add_argument("--max-merged", type=int, default=1,
+                   help="--merged: merged copies of the base kept in memory, the most recently used (default 1)")
     p.add_argument("--skip-bad", action="store_true",
                    help="write each bad row with its reason to <out>.rejected.jsonl and go on (default: stop)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -152,6 +154,7 @@ def predict_rows(args) -> dict:
     """predict.py: load the run (after checking the files), stream --input through it."""
     check_paths(args.input, args.out, args.skip_bad)
     run = load_run(args.checkpoint, args.model, args.device)
+    run.max_merged = args.max_merged
     counts = predict_file(run, args.input, args.out, args.batch_size, args.skip_bad, precision=args.precision,
                           scores=args.scores, merged=args.merged, max_new_tokens=args.max_new_tokens)
     if args.out:

@@ -13,8 +13,10 @@ A row: {"task", "text", "text_pair" (pair tasks), "id" (optional, passed through
     T5 text-to-text   "answer" (the generated text) and the "label" / "score" parsed from it (None if none)
     commonsense (lm)  "answer" and "label": the first match of the task's answer pattern (eval.py's)
 Tasks are mixed in a batch (one forward, each row routed by its task id). merged=True runs each
-task's rows through a copy of the base with that task's ΔW folded in (merge_adapters), made when
-the task's first row comes and kept for the next ones.
+task's rows through a copy of the base with that task's ΔW folded in (merge_adapters): the rows
+of a call are grouped by task, so a call merges each of its tasks once, and the run keeps the
+max_merged most recently used copies (default 1: one more base in memory, whatever the number of
+tasks; a 7B base is 13 GB in bf16) for the next call.
 """
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ class Run:
     tok: object
     encoder: Encoder | None
     pairs: dict
-    merged: dict = field(default_factory=dict)     # task id -> the objective's model over the merged base
+    merged: dict = field(default_factory=dict)     # task id -> the objective's model over the merged base,
+    max_merged: int = 1                            # the most recently used first out when full
+    merges: int = 0                                # merged copies made so far
 
     @property
     def objective(self) -> str:
@@ -178,14 +182,19 @@ class Run:
 
     def merged_model(self, task_id: int) -> nn.Module:
         """The objective's model over a copy of the base with task `task_id`'s ΔW folded in (made
-        once); per-task heads are the run's own, shared."""
-        if task_id not in self.merged:
+        when asked, kept among the max_merged most recently used); per-task heads are the run's own."""
+        if task_id in self.merged:
+            self.merged[task_id] = self.merged.pop(task_id)             # most recently used last
+        else:
+            while self.merged and len(self.merged) >= self.max_merged:
+                del self.merged[next(iter(self.merged))]               # the least recently used
             with torch.random.fork_rng(devices=[]):           # fresh heads draw from the RNG; the run's replace them
                 model = build_model(merge_adapters(self.backbone, task_id), self.tok, self.specs, self.objective,
                                     self.cfg.get("pooling", "mean"))
             if self.objective == "head":
                 model.heads = self.model.heads
             self.merged[task_id] = model.eval()
+            self.merges += 1
         return self.merged[task_id]
 
 

@@ -152,12 +152,28 @@ def test_merged_equals_the_adapters(bert_run, t5_run):
         _, rows = dev_rows(run_dir)
         scores = run.objective == "head"
         plain, merged = run.predict(rows, scores=scores), run.predict(rows, scores=scores, merged=True)
-        assert sorted(run.merged) == [0, 1, 2]                  # one merged copy per task, made once
+        assert run.merges == 3 and len(run.merged) == 1          # each task merged once, one copy kept
         assert [m.get("label") for m in merged] == [p.get("label") for p in plain]
         assert [m.get("answer") for m in merged] == [p.get("answer") for p in plain]
         for m, p in zip(merged, plain):
             assert m.get("score") == pytest.approx(p.get("score"), abs=1e-4)
             assert m.get("scores") == pytest.approx(p.get("scores"), abs=1e-4)
+
+
+def test_merged_copies_kept_are_the_most_recently_used(bert_run):
+    """max_merged bounds the merged copies in memory; the least recently used goes first, and a
+    task whose copy is kept is not merged again."""
+    run = load_run(bert_run)
+    _, rows = dev_rows(bert_run)
+    by_task = {t: [r for r in rows if r["task"] == t][:2] for t in TASKS.split(",")}
+    first, second, third = by_task
+    run.max_merged = 2
+    run.predict(by_task[first], merged=True)
+    run.predict(by_task[second], merged=True)
+    run.predict(by_task[first], merged=True)                   # kept: no new merge, now the most recent
+    assert run.merges == 2 and list(run.merged) == [run.task_id(second), run.task_id(first)]
+    run.predict(by_task[third], merged=True)                   # evicts `second`, the least recently used
+    assert run.merges == 3 and list(run.merged) == [run.task_id(first), run.task_id(third)]
 
 
 def test_a_text_to_text_batch_that_mixes_tasks_cuts_each_answer_at_its_tasks_limit(t5_real_vocab):
