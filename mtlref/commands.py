@@ -89,6 +89,8 @@ def train_args(argv=None, description: str | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone with its adapters (mtlref.objective.compile_backbone)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen base (FSDP2)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     return p.parse_args(argv)
@@ -118,6 +120,7 @@ def eval_args(argv=None, description: str | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone with its adapters")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -146,6 +149,7 @@ def predict_args(argv=None, description: str | None = None) -> argparse.Namespac
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone with its adapters")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -153,7 +157,7 @@ def predict_args(argv=None, description: str | None = None) -> argparse.Namespac
 def predict_rows(args) -> dict:
     """predict.py: load the run (after checking the files), stream --input through it."""
     check_paths(args.input, args.out, args.skip_bad)
-    run = load_run(args.checkpoint, args.model, args.device)
+    run = load_run(args.checkpoint, args.model, args.device, compile=args.compile)
     run.max_merged = args.max_merged
     counts = predict_file(run, args.input, args.out, args.batch_size, args.skip_bad, precision=args.precision,
                           scores=args.scores, merged=args.merged, max_new_tokens=args.max_new_tokens)

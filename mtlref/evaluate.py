@@ -126,7 +126,7 @@ def evaluate_tasks(args, cfg: dict, model_dir: Path) -> dict:
     if [s.name for s in specs] != cfg["task_names"]:
         raise ValueError(f"{args.checkpoint}: the run's tasks {cfg['task_names']} are not what the data gives "
                          f"({[s.name for s in specs]})")
-    run = load_run(args.checkpoint, model_dir, args.device, specs)
+    run = load_run(args.checkpoint, model_dir, args.device, specs, compile=args.compile)
     split = args.split or ("test" if cfg["split"] == "paper" else "validation")
     results = make_evaluator(run.model, run.encoder, specs, splits, split, args.batch_size, args.device,
                              args.precision)()
@@ -137,7 +137,7 @@ def evaluate_tasks(args, cfg: dict, model_dir: Path) -> dict:
 def evaluate_generation(args, cfg: dict, model_dir: Path) -> dict:
     """Commonsense: generate an answer per test question with the LM head (task id = the
     run's id of that task, or 0), extract it, and score accuracy."""
-    run = load_run(args.checkpoint, model_dir, args.device)
+    run = load_run(args.checkpoint, model_dir, args.device, compile=args.compile)
     names = args.tasks.split(",") if args.tasks else cfg["task_names"]
     sets = {task: (load_task(task, args.data_dir or cfg["data_dir"], "test")[: args.limit],
                    cfg["task_names"].index(task) if task in cfg["task_names"] else 0) for task in names}

@@ -57,6 +57,8 @@ class ForwardContext:
             raise ValueError(f"this adapter is task-specific: pass task_ids (LongTensor[{batch}]) to the model")
         if t.shape != (batch,):
             raise ValueError(f"task_ids has shape {tuple(t.shape)}, expected ({batch},): one task id per sample")
+        if torch.compiler.is_compiling():                 # --compile: a host check would split the graph; the
+            return t                                      # caller checks the ids (train.check_task_ids, Run.task_id)
         if self.checked.get(num_tasks) is not t:          # once per batch: the check syncs a GPU
             lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
             if lo < 0 or hi >= num_tasks:

@@ -44,6 +44,17 @@ def build_model(backbone, tok, specs, objective: str, pooling: str = "mean"):
     return MultiTaskModel(backbone, specs, tok, pooling=pooling)
 
 
+def compile_backbone(model) -> None:
+    """--compile: torch.compile the backbone with its adapters, in place (nn.Module.compile: the
+    parameters, state_dict keys and checkpoints stay the eager module's). Stays eager: the per-task
+    heads (a data-dependent loop over the tasks of a batch, and tiny), T5's encoder-only call of the
+    head objective (`encode`), generation loops and --merged copies. Sequence lengths vary from batch
+    to batch: the first recompile makes the graph dynamic in them (torch's automatic dynamic shapes),
+    so a run compiles about twice per mode (train, eval), not once per length. Adapters skip their
+    task-id range check inside a compiled graph (the caller checks the ids first)."""
+    model.backbone.compile()
+
+
 def make_encoder(tok, backbone, specs, max_length: int, objective: str) -> Encoder:
     return Encoder(tok, family(backbone), max_length, text_to_text=objective == "gen",
                    decoder_start=getattr(backbone.config, "decoder_start_token_id", 0) or 0,

@@ -37,7 +37,7 @@ from mtlref.data.tasks import ANSWER_PATTERNS, TASKS, extract_answer, get_spec, 
 from mtlref.data.templates import t5_label
 from mtlref.files import write_atomic
 from mtlref.heads import UNPARSED, generate_answers
-from mtlref.objective import build_model, make_encoder
+from mtlref.objective import build_model, compile_backbone, make_encoder
 from mtlref.pretrained import load_model
 from mtlref.tokenizer import load_tokenizer
 from mtlref.train import autocast, to_device
@@ -215,10 +215,11 @@ def with_id(row: dict, out: dict) -> dict:
     return {"id": row["id"], **out} if "id" in row else out
 
 
-def load_run(checkpoint, model_dir=None, device="cpu", specs=None) -> Run:
+def load_run(checkpoint, model_dir=None, device="cpu", specs=None, compile: bool = False) -> Run:
     """A train.py --out directory -> Run: the base model (model_dir: default the run's) with the
     run's adapters and heads, in eval mode. specs: the run's tasks when the caller has read them
-    (else from the registry, or the run's jsonl file, whose rows also say which tasks are pairs)."""
+    (else from the registry, or the run's jsonl file, whose rows also say which tasks are pairs).
+    compile: torch.compile the backbone (objective.compile_backbone; --merged copies stay eager)."""
     cfg = read_config(checkpoint)
     has_pair = {}
     if specs is None and cfg.get("bench") == "jsonl":
@@ -234,6 +235,8 @@ def load_run(checkpoint, model_dir=None, device="cpu", specs=None) -> Run:
     model = build_model(backbone, tok, specs, objective, cfg.get("pooling", "mean")).to(device)
     load_adapters(backbone, checkpoint, extra_modules={"heads": model.heads} if objective == "head" else None)
     model.eval()
+    if compile:
+        compile_backbone(model)
     encoder = make_encoder(tok, backbone, specs, cfg["max_length"], objective) if "max_length" in cfg else None
     return Run(cfg, specs, backbone, model, tok, encoder, {s.name: pair_rule(s, has_pair.get(s.name)) for s in specs})
 

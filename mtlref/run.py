@@ -33,7 +33,7 @@ from mtlref.data.samplers import MultiTaskSampler
 from mtlref.evaluate import make_evaluator, print_table, score_generation
 from mtlref.files import write_atomic
 from mtlref.heads import family
-from mtlref.objective import attach, build_model, make_encoder, objective_of
+from mtlref.objective import attach, build_model, compile_backbone, make_encoder, objective_of
 from mtlref.presets import PRESETS
 from mtlref.pretrained import load_model, minilm_dir, read_config
 from mtlref.settings import Settings, check_lengths, reported_split, settings, step_budget
@@ -149,7 +149,7 @@ def run_config(args, s: Settings, specs, model_dir: Path, objective: str) -> dic
             "model_dir": str(model_dir), "data_dir": args.data_dir, "jsonl": args.jsonl, "jsonl_dev": args.jsonl_dev,
             "max_eval_examples": args.max_eval_examples, "train_examples": args.train_examples,
             "init_from": args.init_from, "task_init": args.task_init, "val_size": args.val_size,
-            "eval_limit": args.eval_limit}
+            "eval_limit": args.eval_limit, **({"compile": True} if args.compile else {})}
 
 
 def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> dict:
@@ -181,6 +181,10 @@ def fit_tasks(args, inputs: Inputs, resume: bool, task: str | None = None) -> di
     head_params = sum(p.numel() for p in model.heads.parameters()) if heads else 0
     if args.grad_checkpoint:
         distributed.set_grad_checkpoint(backbone)
+    if args.compile:
+        if args.fsdp or args.grad_checkpoint:
+            raise ValueError("--compile with --fsdp or --grad-checkpoint is not tested; drop one of them")
+        compile_backbone(model)
     units = distributed.shard_frozen_base(model, device) if args.fsdp else 0
     sizes = {sp.name: len(splits[sp.name]["train"]) for sp in specs}
     steps, warmup = step_budget(s, sizes, task)
