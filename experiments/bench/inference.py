@@ -123,7 +123,7 @@ def targets(variants: dict) -> dict:
         if n.endswith("-merged") and n != "predict-merged":
             merged[n] = {b: r["vs_base"]["q1"] <= 1.0 <= r["vs_base"]["q3"] or abs(r["vs_base"]["median"] - 1) <= 0.03
                          for b, r in rows.items()}
-    largest = list(variants[BASE])[-1]
+    largest = max(variants[BASE], key=int)
     unmerged = {n: {"batch_size": int(largest), "vs_lora": variants[n][largest]["vs_lora"]["median"],
                     "max": 1.15, "met": variants[n][largest]["vs_lora"]["median"] <= 1.15}
                 for n in ("mtl-lora", "more") if n in variants}
