@@ -32,7 +32,7 @@ from mtlref.heads import family
 from mtlref.metrics import GLUE_TASKS
 from mtlref.objective import build_model, make_encoder
 from mtlref.predict import Run, pair_rule
-from mtlref.tokenizer import load_tokenizer
+from mtlref.tokenizer import TokenizerError, load_tokenizer
 
 BASE = "base"
 PREDICT_METHOD = "mtl-lora"               # the method whose predict.py paths are timed (the paper's claim)
@@ -52,7 +52,7 @@ def predict_run(model: nn.Module, cfg: BenchConfig, tokenizer_dir) -> tuple[Run 
         return None, f"--num-tasks {cfg.num_tasks}: more tasks than GLUE's {len(GLUE_TASKS)}"
     try:
         tok = load_tokenizer(tokenizer_dir)
-    except Exception as e:                                   # noqa: BLE001 (the reason goes into the JSON)
+    except TokenizerError as e:
         return None, f"no tokenizer ({e}); pass --tokenizer DIR"
     if tok.vocab_size > model.config.vocab_size:
         return None, f"the tokenizer of {tokenizer_dir} has {tok.vocab_size} ids, the model {model.config.vocab_size}"
