@@ -39,6 +39,11 @@ PREDICT_METHOD = "mtl-lora"               # the method whose predict.py paths ar
 WORDS = "the film was good and the cast played it with care".split()
 
 
+def merged_copy(name: str) -> bool:
+    """A variant that runs a merged copy of the base (the same GEMMs as BASE), not predict.py's path."""
+    return name.endswith("-merged") and name != "predict-merged"
+
+
 def mergeable(model: nn.Module) -> bool:
     return all(a.mergeable for a in adapters_of(model).values())
 
@@ -118,11 +123,8 @@ def targets(variants: dict) -> dict:
     every merged variant within noise of the base (the base's ratio 1 inside the quartiles of
     its paired ratios, or the median within 3 %) at every batch size; unmerged MTL-LoRA and
     MoRE at most 1.15 × unmerged LoRA at the largest batch size."""
-    merged = {}
-    for n, rows in variants.items():
-        if n.endswith("-merged") and n != "predict-merged":
-            merged[n] = {b: r["vs_base"]["q1"] <= 1.0 <= r["vs_base"]["q3"] or abs(r["vs_base"]["median"] - 1) <= 0.03
-                         for b, r in rows.items()}
+    merged = {n: {b: r["vs_base"]["q1"] <= 1.0 <= r["vs_base"]["q3"] or abs(r["vs_base"]["median"] - 1) <= 0.03
+                  for b, r in rows.items()} for n, rows in variants.items() if merged_copy(n)}
     largest = max(variants[BASE], key=int)
     unmerged = {n: {"batch_size": int(largest), "vs_lora": variants[n][largest]["vs_lora"]["median"],
                     "max": 1.15, "met": variants[n][largest]["vs_lora"]["median"] <= 1.15}

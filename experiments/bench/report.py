@@ -3,7 +3,10 @@ run and `python bench.py --report FILE` reprints from a saved one (docs/BENCHMAR
 from __future__ import annotations
 
 import importlib.util
+import statistics
 from pathlib import Path
+
+from experiments.bench.inference import BASE, merged_copy
 
 
 def fmt_ratio(r: dict) -> str:
@@ -51,7 +54,7 @@ def inference_table(res: dict) -> str:
     if key == "vs_base":
         lines += ["", "Unmerged on a mixed-task batch, × unmerged LoRA (paired per round)", "", head]
         lines += [f"| {n} | " + " | ".join(ratio_cells(rows, "vs_lora")) + " |" for n, rows in variants.items()
-                  if not n.endswith("merged") and n != "base"]
+                  if not n.endswith("merged") and n != BASE]
         spread = identical_spread(variants)
         lines += ["", f"predict rows: {res['inference']['predict']}", "identical computations (the base and its "
                   f"{next(iter(spread.values()))[2] - 1} merged copies), lowest–highest median over their pooled median: "
@@ -64,13 +67,18 @@ def identical_spread(variants: dict) -> dict[str, tuple[float, float, int]]:
     """Per batch size: the base and every merged copy run the same GEMMs on the same shapes (only
     the weights' values differ), so the spread of their medians is this run's noise floor:
     (lowest, highest) median over their pooled median, and how many they are."""
-    same = [n for n in variants if n == "base" or (n.endswith("-merged") and n != "predict-merged")]
+    same = [n for n in variants if n == BASE or merged_copy(n)]
     out = {}
     for b in variants[same[0]]:
-        meds = sorted(variants[n][b]["seconds"]["median"] for n in same)
-        mid = meds[len(meds) // 2] if len(meds) % 2 else (meds[len(meds) // 2 - 1] + meds[len(meds) // 2]) / 2
-        out[b] = (meds[0] / mid, meds[-1] / mid, len(meds))
+        meds = [variants[n][b]["seconds"]["median"] for n in same]
+        mid = statistics.median(meds)
+        out[b] = (min(meds) / mid, max(meds) / mid, len(meds))
     return out
+
+
+def quartile_bars(stats: list[dict]) -> list[list[float]]:
+    """matplotlib's yerr for medians drawn with their quartiles."""
+    return [[s["median"] - s["q1"] for s in stats], [s["q3"] - s["median"] for s in stats]]
 
 
 def target_lines(t: dict) -> list[str]:
@@ -94,8 +102,7 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.5))
     names = list(res["training"] or {})
     r = [res["training"][n]["vs_lora"] for n in names]
-    a.bar(names, [x["median"] for x in r], yerr=[[x["median"] - x["q1"] for x in r], [x["q3"] - x["median"] for x in r]],
-          capsize=2)
+    a.bar(names, [x["median"] for x in r], yerr=quartile_bars(r), capsize=2)
     a.axhline(1.0, color="k", lw=0.8)
     a.set_ylabel("training step / LoRA (median, quartiles)")
     a.tick_params(axis="x", rotation=60)
@@ -106,9 +113,8 @@ def plot(res: dict, path: Path) -> tuple[str | None, str]:
         style = dict(ls="--" if name.endswith("merged") else "-", color=colour[name.removesuffix("-merged")],
                      marker="o", ms=3, label=name)
         b.plot(sizes, [1e3 * r["seconds"]["median"] for r in rows.values()], **style)
-        med = [r[key]["median"] for r in rows.values()]
-        err = [[m - r[key]["q1"] for m, r in zip(med, rows.values())], [r[key]["q3"] - m for m, r in zip(med, rows.values())]]
-        c.errorbar(sizes, med, yerr=err, capsize=2, **style)
+        ratios = [r[key] for r in rows.values()]
+        c.errorbar(sizes, [x["median"] for x in ratios], yerr=quartile_bars(ratios), capsize=2, **style)
     for ax in (b, c):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
